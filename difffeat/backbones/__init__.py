@@ -1,0 +1,102 @@
+"""Backbone adapters, their registry and small registered architectures.
+
+Registered constructors only set arguments (timm style); they build *randomly initialised* models
+from a diffusers config, for tests, benchmarks and for training the project's own small backbones.
+Real checkpoints load through ``create_backbone(folder)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difffeat.backbones.base import Backbone, FeatureInfo, check_images
+from difffeat.backbones.dit import DiTBackbone
+from difffeat.backbones.registry import (
+    create_backbone,
+    list_backbones,
+    register_adapter,
+    register_backbone,
+    resolve_local,
+)
+from difffeat.backbones.unet import UNet2DBackbone, UNet2DConditionBackbone
+
+__all__ = [
+    "DIGITS_UNET",
+    "Backbone",
+    "DiTBackbone",
+    "FeatureInfo",
+    "UNet2DBackbone",
+    "UNet2DConditionBackbone",
+    "check_images",
+    "create_backbone",
+    "list_backbones",
+    "register_adapter",
+    "register_backbone",
+    "resolve_local",
+]
+
+#: The digits backbone of the main job: a 16×16 grey-scale DDPM U-Net, about 1.1 M parameters.
+DIGITS_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [32, 64, 96],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+    "attention_head_dim": 32,
+}
+
+
+@register_backbone
+def unet2d_digits(**kwargs: Any) -> Backbone:
+    """The main job's 16×16 grey-scale U-Net (random init; ``difffeat fit`` trains it)."""
+    return UNet2DBackbone.from_config(DIGITS_UNET, name="unet2d-digits", **kwargs)
+
+
+@register_backbone
+def unet2d_tiny(**kwargs: Any) -> Backbone:
+    """A 16×16 grey-scale U-Net small enough for unit tests."""
+    config = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+              "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+              "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": 8}
+    return UNet2DBackbone.from_config(config, name="unet2d-tiny", **kwargs)
+
+
+def sd_unet_config(block_out_channels: list[int], sample_size: int, cross_attention_dim: int,
+                   layers_per_block: int = 2, heads: int = 8) -> dict[str, Any]:
+    """A Stable-Diffusion-1.x-shaped ``UNet2DConditionModel`` config: cross-attention in every block but
+    the deepest down and the first up block, a cross-attention mid block, 4 latent channels."""
+    n = len(block_out_channels)
+    return {
+        "sample_size": sample_size, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": block_out_channels, "layers_per_block": layers_per_block,
+        "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+        "cross_attention_dim": cross_attention_dim, "attention_head_dim": heads,
+        "norm_num_groups": min(32, block_out_channels[0]),
+    }
+
+
+@register_backbone
+def sd_unet_tiny(**kwargs: Any) -> Backbone:
+    """A Stable-Diffusion-shaped U-Net on 8×8×4 latents for unit tests."""
+    return UNet2DConditionBackbone.from_config(sd_unet_config([16, 32], 8, 16, layers_per_block=1, heads=2),
+                                               name="sd-unet-tiny", **kwargs)
+
+
+@register_backbone
+def sd_unet_small(**kwargs: Any) -> Backbone:
+    """SD-1.x's layout (4 levels, 2 layers per block) at 1/5 width on 32×32 latents, for benchmarks."""
+    return UNet2DConditionBackbone.from_config(sd_unet_config([64, 128, 256, 256], 32, 256),
+                                               name="sd-unet-small", **kwargs)
+
+
+@register_backbone
+def dit_tiny(**kwargs: Any) -> Backbone:
+    """A 4-block DiT on 8×8×4 latents with patch size 2 (a 4×4 token grid), 10 classes."""
+    config = {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 8,
+              "num_layers": 4, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10,
+              "norm_num_groups": 8}
+    return DiTBackbone.from_config(config, name="dit-tiny", **kwargs)

@@ -1,0 +1,136 @@
+"""One factory for every backbone: registered names, local diffusers folders, cached hub ids.
+
+``create_backbone(name_or_path, **kwargs)`` resolves, in order:
+
+1. a name registered with :func:`register_backbone` (small constructors that only set arguments);
+2. a local folder: a diffusers *model* folder (``config.json`` with ``_class_name``) or a *pipeline*
+   folder (``model_index.json`` with ``unet``/``transformer``, optional ``scheduler``, ``vae``);
+3. a Hugging Face hub id, only if a copy already sits in the local cache. difffeat never downloads at
+   run time: a hub id with no local copy is a ``FileNotFoundError`` naming the id.
+
+The adapter class is chosen by the diffusers class name through :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL, DDPMScheduler
+
+from difffeat.backbones.base import Backbone
+
+__all__ = [
+    "create_backbone",
+    "list_backbones",
+    "register_adapter",
+    "register_backbone",
+    "resolve_local",
+]
+
+_BACKBONES: dict[str, Callable[..., Backbone]] = {}
+_ADAPTERS: dict[str, type[Backbone]] = {}
+
+
+def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+    """Registers a constructor under its function name with ``_`` spelled ``-`` (``unet2d_tiny`` → ``unet2d-tiny``)."""
+    _BACKBONES[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+def register_adapter(cls: type[Backbone]) -> type[Backbone]:
+    """Registers an adapter class for the diffusers class named in its ``model_class``."""
+    _ADAPTERS[cls.model_class] = cls
+    return cls
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`create_backbone` besides folders."""
+    return sorted(_BACKBONES)
+
+
+def adapter_for(class_name: str) -> type[Backbone]:
+    """The adapter registered for a diffusers class name; a ``KeyError`` lists the supported ones."""
+    try:
+        return _ADAPTERS[class_name]
+    except KeyError:
+        raise KeyError(f"no difffeat adapter for diffusers class {class_name!r}; supported: "
+                       f"{sorted(_ADAPTERS)}") from None
+
+
+def resolve_local(name_or_path: str | Path) -> Path:
+    """A local folder for ``name_or_path``: the folder itself, or a hub id's copy in the local cache.
+
+    Raises:
+        FileNotFoundError: the path does not exist and no cached copy of that hub id is on disk.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is a file; expected a diffusers model or pipeline folder")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError, HFValidationError, ...
+        raise FileNotFoundError(
+            f"{str(name_or_path)!r} is neither a registered backbone ({list_backbones()}), nor a local folder, "
+            f"nor a hub id with a copy in the local Hugging Face cache. difffeat never downloads weights at "
+            f"run time: fetch the model on a machine with network access (e.g. `hf download "
+            f"{name_or_path} --local-dir DIR`) and pass DIR."
+        ) from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _load_folder(folder: Path, **kwargs: Any) -> Backbone:
+    index = folder / "model_index.json"
+    if index.exists():  # a pipeline folder
+        components = _read_json(index)
+        denoiser = next((c for c in ("unet", "transformer") if c in components), None)
+        if denoiser is None:
+            raise KeyError(f"{index} names no 'unet' or 'transformer' component; found {sorted(components)}")
+        class_name = components[denoiser][1]
+        model_dir = folder / denoiser
+        if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
+            kwargs["scheduler"] = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+        if "vae" not in kwargs and (folder / "vae").is_dir():
+            kwargs["vae"] = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+        kwargs.setdefault("pipeline_dir", folder)
+    else:
+        config = folder / "config.json"
+        if not config.exists():
+            raise FileNotFoundError(f"{folder} holds neither model_index.json (a pipeline) nor config.json "
+                                    f"(a model): not a diffusers folder")
+        class_name = _read_json(config).get("_class_name")
+        if class_name is None:
+            raise KeyError(f"{config} has no '_class_name' key: not a diffusers model config")
+        model_dir = folder
+    kwargs.setdefault("name", folder.name)
+    return adapter_for(class_name).from_pretrained(model_dir, **kwargs)
+
+
+def create_backbone(name_or_path: str | Path, **kwargs: Any) -> Backbone:
+    """Builds a backbone from a registered name, a local diffusers folder or a cached hub id.
+
+    Args:
+        name_or_path: a name from :func:`list_backbones`, a folder, or a hub id cached locally.
+        **kwargs: passed to the constructor or the adapter (e.g. ``scheduler``, ``vae``,
+            ``encoder_hidden_states``, ``class_label``).
+
+    Returns:
+        The adapter, in eval mode.
+    """
+    if str(name_or_path) in _BACKBONES:
+        backbone = _BACKBONES[str(name_or_path)](**kwargs)
+    else:
+        backbone = _load_folder(resolve_local(name_or_path), **kwargs)
+    return backbone.eval()

@@ -1,0 +1,81 @@
+"""The ``difffeat`` command.
+
+* ``difffeat fit|validate|test|predict --config X.yaml``: LightningCLI on any LightningModule and
+  LightningDataModule named by ``class_path`` (training backbones and heads).
+* ``difffeat extract --config X.yaml``: fills a feature store (Lightning ``predict``, DDP-ready).
+* ``difffeat probe --store DIR``: linear-probe sweep over every feature in a store.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
+
+from difffeat.predict import ExtractionModule, extract_to_store
+
+__all__ = ["extract", "main", "probe"]
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def extract(model: ExtractionModule, data: L.LightningDataModule, store: str, shard_size: int = 256,
+            trainer: dict[str, Any] | None = None, num_workers: int = 0) -> None:
+    """Extracts features of ``data``'s predict split into a feature store (resumes if interrupted).
+
+    Args:
+        model: the extraction module (backbone, layers, timesteps, ensemble, seed, readout).
+        data: a datamodule; its ``predict_dataloader().dataset`` is extracted.
+        store: the store folder.
+        shard_size: samples per shard and per forward batch.
+        trainer: ``lightning.Trainer`` arguments, e.g. ``{devices: 2, strategy: ddp}``.
+        num_workers: loader workers.
+    """
+    data.prepare_data()
+    data.setup("predict")
+    fs = extract_to_store(model, data.predict_dataloader().dataset, store, shard_size, trainer, num_workers)
+    if fs.complete:
+        print(f"feature store complete: {fs.root} ({fs.num_shards} shards, key {fs.key[:12]})")
+
+
+def probe(store: str, labels_per_class: list[int] | None = None, seeds: list[int] | None = None,
+          out: str | None = None) -> None:
+    """Linear-probe sweep over every feature in a store with a train/test ``split`` tensor.
+
+    Args:
+        store: the store folder.
+        labels_per_class: label regimes (``0`` = all labels).
+        seeds: seeds of the labelled subsets.
+        out: optional Markdown file for the table.
+    """
+    from heads.classification import probe_store
+
+    table = probe_store(store, labels_per_class or [1, 5, 10, 0], seeds or [0, 1, 2])
+    print(table)
+    if out:
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table + "\n")
+
+
+def main(args: Sequence[str] | None = None) -> Any:
+    """Entry point of the ``difffeat`` command (``args`` defaults to ``sys.argv[1:]``)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("extract", "probe"):
+        return CLI([extract, probe], args=argv, as_positional=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        if not argv:
+            return None
+    return LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                        subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": True},
+                        parser_kwargs={"parser_mode": "yaml"})
+
+
+if __name__ == "__main__":
+    main()

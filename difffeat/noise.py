@@ -1,0 +1,121 @@
+"""Noising and timestep conventions, kept in one place.
+
+difffeat speaks of two timestep conventions and converts between them nowhere else:
+
+* **Discrete DDPM index** ``t ∈ {0, …, T-1}`` (``T = num_train_timesteps``, 1000 for every common
+  checkpoint). ``t = 0`` is the *least* noisy level (ᾱ₀ = 1 - β₀ ≈ 0.9999, visually clean) and noise
+  grows with ``t``. This is the index a diffusers UNet or DiT receives as ``timestep`` and the one
+  ``FeatureExtractor(timesteps=[...])`` takes.
+* **Continuous** ``t ∈ [0, 1]`` for interpolant (flow / SiT) objectives, where ``t = 0`` is data and
+  ``t = 1`` is pure noise: ``x_t = (1 - t) x + t ε``.
+
+Noise is drawn per sample from a generator seeded by ``(seed, sample index, ensemble member)``, so
+a sample's features never depend on the batch it happens to be in nor on the order of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from diffusers import DDPMScheduler
+
+__all__ = [
+    "NoiseSchedule",
+    "flow_interpolate",
+    "sample_seed",
+    "seeded_noise",
+]
+
+
+class NoiseSchedule:
+    """The forward (noising) process of a discrete DDPM-style model.
+
+    Args:
+        alphas_cumprod: ᾱ_t for ``t = 0 … T-1`` (a 1-D tensor, decreasing).
+        prediction_type: what the network predicts (``"epsilon"``, ``"v_prediction"`` or ``"sample"``);
+            kept so training and sampling agree with the checkpoint.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> None:
+        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D tensor of length >= 2, got shape "
+                             f"{tuple(alphas_cumprod.shape)}")
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.prediction_type = prediction_type
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDPMScheduler) -> NoiseSchedule:
+        """Builds the schedule of any diffusers scheduler that exposes ``alphas_cumprod``."""
+        return cls(scheduler.alphas_cumprod.clone(), scheduler.config.get("prediction_type", "epsilon"))
+
+    @classmethod
+    def from_config(cls, config: dict | None = None) -> NoiseSchedule:
+        """Builds a ``DDPMScheduler`` from a config dict (diffusers defaults where a key is missing)."""
+        return cls.from_scheduler(DDPMScheduler.from_config(dict(config or {})))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """``T``: timesteps are the integers ``0 … T-1``."""
+        return len(self.alphas_cumprod)
+
+    def validate(self, timesteps: Sequence[int]) -> list[int]:
+        """Checks that every timestep is an integer index in ``[0, T-1]``.
+
+        Raises:
+            ValueError: naming the offending value and the valid range.
+        """
+        out = []
+        for t in timesteps:
+            if isinstance(t, bool) or int(t) != t:
+                raise ValueError(f"timestep {t!r} is not an integer DDPM index; expected an int in "
+                                 f"[0, {self.num_train_timesteps - 1}] (0 = least noise)")
+            if not 0 <= int(t) < self.num_train_timesteps:
+                raise ValueError(f"timestep {t} is out of range: expected an int in "
+                                 f"[0, {self.num_train_timesteps - 1}] (0 = least noise, "
+                                 f"{self.num_train_timesteps - 1} = almost pure noise)")
+            out.append(int(t))
+        return out
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(ᾱ_t) x + sqrt(1 - ᾱ_t) ε`` with ``t`` a per-sample integer tensor."""
+        a = self.alphas_cumprod.to(x.device)[t.long()]
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return (a.sqrt().view(shape) * x.double() + (1 - a).sqrt().view(shape) * noise.double()).to(x.dtype)
+
+    def velocity(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target ``sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x``."""
+        a = self.alphas_cumprod.to(x.device)[t.long()]
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return (a.sqrt().view(shape) * noise.double() - (1 - a).sqrt().view(shape) * x.double()).to(x.dtype)
+
+
+def flow_interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Linear interpolant ``x_t = (1 - t) x + t ε`` with continuous ``t ∈ [0, 1]`` (1 = noise)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    t = t.to(x.dtype).view(shape)
+    return (1 - t) * x + t * noise
+
+
+def sample_seed(seed: int, index: int, member: int = 0) -> int:
+    """A 63-bit generator seed for one (seed, sample index, ensemble member) triple.
+
+    A hash rather than ``seed + index`` so that neighbouring seeds do not share noise streams.
+    """
+    digest = hashlib.blake2b(f"{seed}:{index}:{member}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seeded_noise(shape: Sequence[int], indices: Sequence[int], seed: int, member: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise of ``(len(indices), *shape)``, one seeded stream per sample.
+
+    The noise is drawn on the CPU (bit-identical across machines and batchings) and then moved.
+    """
+    gen = torch.Generator()
+    rows = []
+    for i in indices:
+        gen.manual_seed(sample_seed(seed, int(i), member))
+        rows.append(torch.randn(tuple(shape), generator=gen, dtype=torch.float32))
+    return torch.stack(rows).to(device=device, dtype=dtype)

@@ -1,0 +1,123 @@
+"""``DiffusionModule``: trains a diffusion backbone and saves it in diffusers format.
+
+The saved folder is a diffusers pipeline (``model_index.json``, ``unet/``, ``scheduler/``), so
+``create_backbone(folder)`` loads it like any downloaded checkpoint and ``DDPMPipeline.from_pretrained``
+samples from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from difffeat.backbones import create_backbone
+
+__all__ = ["DiffusionModule", "diffusion_loss", "save_pipeline"]
+
+OBJECTIVES = ("eps", "v")
+
+
+def diffusion_loss(module: DiffusionModule, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDPM loss of one batch: uniform integer ``t``, MSE to the ε (or v) target."""
+    schedule = module.backbone.schedule
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+    x_t = schedule.add_noise(x0, noise, t)
+    target = noise if module.objective == "eps" else schedule.velocity(x0, noise, t)
+    return F.mse_loss(module.backbone.denoise(x_t, t), target)
+
+
+def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], folder: str | Path,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Saves ``model`` and its scheduler as a diffusers ``DDPMPipeline`` folder, atomically.
+
+    The folder is written beside its destination and renamed into place, so a crash never leaves a
+    half-saved model where a loader would find it. ``extra`` is written to ``difffeat.json``.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = DDPMPipeline(unet=copy.deepcopy(model).float().cpu(), scheduler=DDPMScheduler.from_config(scheduler_config))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "difffeat.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True, default=str))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains a diffusers ``UNet2DModel`` with the DDPM objective, keeping EMA weights.
+
+    Args:
+        backbone: a registered name or a local folder to start from.
+        backbone_kwargs: extra arguments for ``create_backbone`` (e.g. ``seed`` of the random init).
+        scheduler: the ``DDPMScheduler`` config (diffusers defaults: linear β 1e-4 → 0.02, T = 1000).
+        objective: ``"eps"`` (predict the noise, as DDPM) or ``"v"`` (v-prediction).
+        lr: peak AdamW learning rate, reached after ``warmup_steps`` and decayed to 0 by a cosine.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up length.
+        ema_decay: EMA decay; the effective decay ramps up as ``min(decay, (1 + n) / (10 + n))``
+            (as diffusers' ``EMAModel``), so short runs are not dominated by the initial weights.
+        export_dir: where the EMA model is saved as a diffusers pipeline when training ends.
+    """
+
+    def __init__(self, backbone: str = "unet2d-digits", backbone_kwargs: dict[str, Any] | None = None,
+                 scheduler: dict[str, Any] | None = None, objective: str = "eps", lr: float = 2e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 50, ema_decay: float = 0.999,
+                 export_dir: str | None = None) -> None:
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.save_hyperparameters()
+        self.scheduler_config = dict(DDPMScheduler.from_config(dict(scheduler or {})).config)
+        self.scheduler_config["prediction_type"] = "epsilon" if objective == "eps" else "v_prediction"
+        self.backbone = create_backbone(backbone, scheduler=self.scheduler_config, **(backbone_kwargs or {}))
+        self.backbone.requires_grad_(True)
+        self.ema = copy.deepcopy(self.backbone.model).requires_grad_(False).eval()
+        self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
+        self.warmup_steps, self.ema_decay, self.export_dir = warmup_steps, ema_decay, export_dir
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = diffusion_loss(self, batch["image"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(batch_idx)
+        self.log("val/loss", diffusion_loss(self, batch["image"], gen), prog_bar=True)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.global_step
+        decay = min(self.ema_decay, (1 + n) / (10 + n))
+        for p_ema, p in zip(self.ema.parameters(), self.backbone.model.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.backbone.model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.AdamW(self.backbone.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            progress = (step - self.warmup_steps) / max(total - self.warmup_steps, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            save_pipeline(self.ema, self.scheduler_config, self.export_dir,
+                          extra={"hparams": dict(self.hparams), "global_step": self.global_step})
