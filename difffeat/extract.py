@@ -78,6 +78,14 @@ class FeatureExtractor(nn.Module):
         self.ensemble, self.seed, self.early_exit = ensemble, seed, early_exit
         self.readout = readout if readout is not None else GlobalAvg()
 
+    @classmethod
+    def from_name(cls, backbone: str, layers: Sequence[str], timesteps: Sequence[int],
+                  backbone_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> FeatureExtractor:
+        """Builds the backbone with ``create_backbone(backbone, **backbone_kwargs)`` and taps it."""
+        from difffeat.backbones import create_backbone
+
+        return cls(create_backbone(backbone, **(backbone_kwargs or {})), layers, timesteps, **kwargs)
+
     def train(self, mode: bool = True) -> FeatureExtractor:
         """The readout follows ``mode``; the backbone stays in eval mode (frozen means frozen)."""
         super().train(mode)

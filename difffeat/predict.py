@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from difffeat.backbones import create_backbone
 from difffeat.extract import FeatureExtractor, feature_name
 from difffeat.readout import Readout
 from difffeat.store import FeatureStore
@@ -57,8 +56,8 @@ class ExtractionModule(L.LightningModule):
     def __init__(self, backbone: str, layers: list[str], timesteps: list[int], ensemble: int = 1, seed: int = 0,
                  readout: Readout | None = None, backbone_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.extractor = FeatureExtractor(create_backbone(backbone, **(backbone_kwargs or {})), layers,
-                                          timesteps, ensemble=ensemble, seed=seed, readout=readout)
+        self.extractor = FeatureExtractor.from_name(backbone, layers, timesteps, backbone_kwargs,
+                                                    ensemble=ensemble, seed=seed, readout=readout)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         feats = self.extractor(batch["image"], batch["index"])

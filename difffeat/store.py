@@ -146,9 +146,11 @@ class FeatureStore:
         for name, t in tensors.items():
             if t.shape[0] != rows:
                 raise ValueError(f"shard {k} holds {rows} samples but tensor {name!r} has shape {tuple(t.shape)}")
-        meta = {"key": self.key, "shard": str(k), "sha256": _digest(tensors)}
+        # one metadata entry holding sorted JSON: safetensors keeps metadata in a hash map whose order
+        # varies between processes, and shards must be byte-identical however they were made
+        meta = json.dumps({"key": self.key, "shard": k, "sha256": _digest(tensors)}, sort_keys=True)
         path = self.shard_path(k)
-        _atomic_write(path, save(tensors, metadata=meta))
+        _atomic_write(path, save(tensors, metadata={"difffeat": meta}))
         return path
 
     def read_shard(self, k: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -159,7 +161,7 @@ class FeatureStore:
                              f"{self.num_shards} shards missing); run the extraction again to resume")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+                meta = json.loads((f.metadata() or {}).get("difffeat", "{}"))
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
         except Exception as err:
             raise StoreError(f"{path} is corrupt or truncated ({err}); delete it and run the extraction "

@@ -27,6 +27,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from difffeat.extract import FeatureExtractor
+from difffeat.readout import Readout
 
 __all__ = [
     "LinearProbeModule",
@@ -153,18 +154,25 @@ def select_weight_decay(feats: Mapping[str, torch.Tensor], y: torch.Tensor, num_
 class LinearProbeModule(L.LightningModule):
     """A linear classifier on frozen diffusion features (layers × timesteps concatenated).
 
+    The backbone never trains: ``requires_grad_(False)``, put back in eval mode every epoch, features
+    computed under ``inference_mode``. Features are normalised by a non-affine batch norm (running
+    statistics), the online counterpart of the standardisation used by :func:`probe_store`.
+
     Args:
-        extractor: the frozen feature extractor (its backbone never trains: ``requires_grad_(False)``,
-            kept in eval mode every epoch, features computed under ``inference_mode``).
+        backbone: a registered name, a local diffusers folder or a cached hub id.
+        layers: tap names.
+        timesteps: DDPM indices (0 = least noise).
+        readout: how each tap becomes a vector (default global average).
+        ensemble: noise draws averaged per feature.
         num_classes: classes.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
     """
 
-    def __init__(self, extractor: FeatureExtractor, num_classes: int = 10, lr: float = 1e-2,
-                 weight_decay: float = 1e-4) -> None:
+    def __init__(self, backbone: str, layers: list[str], timesteps: list[int], readout: Readout | None = None,
+                 ensemble: int = 1, num_classes: int = 10, lr: float = 1e-2, weight_decay: float = 1e-4) -> None:
         super().__init__()
-        self.extractor = extractor
+        self.extractor = FeatureExtractor.from_name(backbone, layers, timesteps, readout=readout, ensemble=ensemble)
         dim = self._feature_dim()
         self.norm = nn.BatchNorm1d(dim, affine=False)
         self.head = nn.Linear(dim, num_classes)

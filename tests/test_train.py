@@ -1,0 +1,42 @@
+"""DiffusionModule: a few DDPM steps, EMA, export in diffusers format, reload as a backbone."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+from difffeat.backbones import create_backbone
+from difffeat.data import DigitsDataModule
+from difffeat.train import DiffusionModule
+
+
+def test_trains_exports_and_reloads(tmp_path) -> None:
+    L.seed_everything(0)
+    module = DiffusionModule("unet2d-tiny", lr=1e-3, warmup_steps=2, export_dir=str(tmp_path / "model"))
+    before = [p.clone() for p in module.backbone.parameters()]
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.backbone.parameters(), strict=True))
+    # EMA lags the raw weights but moved away from the init
+    ema = list(module.ema.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, ema, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(module.backbone.parameters(), ema, strict=True))
+
+    loaded = create_backbone(tmp_path / "model")
+    for a, b in zip(loaded.model.parameters(), ema, strict=True):
+        assert torch.equal(a, b)
+    assert (tmp_path / "model" / "model_index.json").exists()
+    assert not (tmp_path / "model.tmp").exists()
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "model")
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 1)
+
+
+def test_v_objective_and_bad_objective() -> None:
+    module = DiffusionModule("unet2d-tiny", objective="v")
+    assert module.scheduler_config["prediction_type"] == "v_prediction"
+    with pytest.raises(ValueError, match="objective"):
+        DiffusionModule("unet2d-tiny", objective="x0")
