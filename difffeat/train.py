@@ -81,7 +81,7 @@ class DiffusionModule(L.LightningModule):
         self.scheduler_config = dict(DDPMScheduler.from_config(dict(scheduler or {})).config)
         self.scheduler_config["prediction_type"] = "epsilon" if objective == "eps" else "v_prediction"
         self.backbone = create_backbone(backbone, scheduler=self.scheduler_config, **(backbone_kwargs or {}))
-        self.backbone.requires_grad_(True)
+        self.backbone.requires_grad_(True).train()  # create_backbone returns eval mode; Lightning keeps modes
         self.ema = copy.deepcopy(self.backbone.model).requires_grad_(False).eval()
         self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
         self.warmup_steps, self.ema_decay, self.export_dir = warmup_steps, ema_decay, export_dir

@@ -9,15 +9,23 @@ Two ways in:
   ``difffeat fit``.
 
 Probe protocol (choices, as no single paper fixes them for this setting): features are standardised
-with the mean and standard deviation of the *unlabelled* training split; the head is multinomial
-logistic regression with an L2 penalty ``λ‖W‖²/2`` per sample-mean loss, trained to convergence with
-L-BFGS. ``λ`` comes from a fixed grid and is chosen per head by stratified k-fold cross-validation on
-the labelled subset alone (the test split is never looked at), which matters most with few labels.
+with the mean and standard deviation of the *unlabelled* training split. Two linear classifiers:
+
+* :func:`fit_lda_probes` (the sweep's default): linear discriminant analysis with a Ledoit–Wolf shrunk
+  pooled within-class covariance. It is closed-form and has no hyperparameter (the shrinkage is
+  estimated from the labelled samples), which is what the few-label regimes need: on the digits study,
+  chosen on a validation split carved from the training split, it beat L2 logistic regression over a
+  λ grid at 1, 5, 10 labels per class and with all labels. With one label per class the within-class
+  scatter is empty and it is nearest class mean (Euclidean), the limit of full shrinkage.
+* :func:`fit_linear_probes`: multinomial logistic regression with an L2 penalty ``λ‖W‖²/2`` trained
+  with full-batch L-BFGS; :func:`select_weight_decay` picks ``λ`` by stratified k-fold
+  cross-validation on the labelled samples alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -30,13 +38,23 @@ from difffeat.extract import FeatureExtractor
 from difffeat.readout import Readout
 
 __all__ = [
+    "LDAProbe",
     "LinearProbeModule",
     "MultiLinearProbe",
+    "fit_lda",
+    "fit_lda_probes",
     "fit_linear_probes",
+    "format_cell",
     "labelled_subset",
+    "lda_accuracies",
+    "ledoit_wolf",
     "probe_accuracies",
     "probe_loss",
+    "probe_store",
+    "probe_sweep",
+    "select_by_validation",
     "select_weight_decay",
+    "standardise",
 ]
 
 DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -151,6 +169,65 @@ def select_weight_decay(feats: Mapping[str, torch.Tensor], y: torch.Tensor, num_
     return {n: max(sorted(grid, reverse=True), key=lambda lam, n=n: correct[(n, lam)]) for n in feats}
 
 
+def ledoit_wolf(xc: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Ledoit–Wolf shrunk covariance of centred rows ``xc`` (``(n, p)``) and its shrinkage in [0, 1].
+
+    ``Σ = (1 - s) S + s μ I`` with ``S = xcᵀxc / n``, ``μ = tr(S) / p`` and ``s`` the Ledoit–Wolf (2004)
+    estimate of the optimal shrinkage.
+    """
+    n, p = xc.shape
+    emp = xc.T @ xc / n
+    trace = emp.diagonal().sum()
+    mu = trace / p
+    x2 = xc.pow(2)
+    delta_ = emp.pow(2).sum()
+    beta = ((x2.T @ x2).sum() / n - delta_) / (p * n)
+    delta = (delta_ - 2 * mu * trace + p * mu**2) / p
+    shrink = 0.0 if float(delta) == 0 else float(torch.clamp(beta, max=delta) / delta)
+    shrink = min(max(shrink, 0.0), 1.0)
+    return (1 - shrink) * emp + shrink * mu * torch.eye(p, dtype=xc.dtype), shrink
+
+
+@dataclass
+class LDAProbe:
+    """A fitted linear discriminant: ``logits = x Wᵀ + b``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    shrinkage: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double() @ self.weight.T + self.bias
+
+
+def fit_lda(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> LDAProbe:
+    """Shrinkage LDA with equal class priors (the labelled subsets are balanced)."""
+    x = x.double()
+    counts = torch.bincount(y, minlength=num_classes)
+    if bool((counts == 0).any()):
+        raise ValueError(f"every class needs a labelled sample; counts per class: {counts.tolist()}")
+    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, y, x) / counts[:, None]
+    if len(y) - num_classes < 1:  # one sample per class: no within-class scatter, nearest class mean
+        cov, shrink = torch.eye(x.shape[1], dtype=x.dtype), 1.0
+    else:
+        cov, shrink = ledoit_wolf(x - means[y])
+    weight = torch.linalg.solve(cov, means.T).T
+    bias = -0.5 * (means * weight).sum(1)
+    return LDAProbe(weight, bias, shrink)
+
+
+def fit_lda_probes(feats: Mapping[str, torch.Tensor], y: torch.Tensor, num_classes: int) -> dict[str, LDAProbe]:
+    """One shrinkage-LDA head per feature; closed form, so one pass over the features fits them all."""
+    return {n: fit_lda(f, y, num_classes) for n, f in feats.items()}
+
+
+@torch.no_grad()
+def lda_accuracies(probes: Mapping[str, LDAProbe], feats: Mapping[str, torch.Tensor],
+                   y: torch.Tensor) -> dict[str, float]:
+    """Top-1 accuracy of every LDA head."""
+    return {n: (p(feats[n]).argmax(1) == y).double().mean().item() for n, p in probes.items()}
+
+
 class LinearProbeModule(L.LightningModule):
     """A linear classifier on frozen diffusion features (layers × timesteps concatenated).
 
@@ -210,3 +287,90 @@ class LinearProbeModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for n, p in self.named_parameters() if not n.startswith("extractor.")]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+# ----------------------------------------------------------------------------- sweeps over stores
+META = ("split", "label", "index")
+
+
+def standardise(data: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Store tensors → (features standardised with unlabelled train statistics, labels, train mask).
+
+    ``data`` needs ``label`` and ``split`` (0 = train, 1 = test); every other tensor but ``index`` is a
+    feature (flattened).
+    """
+    missing = [k for k in ("label", "split") if k not in data]
+    if missing:
+        raise KeyError(f"probing needs {missing} tensors beside the features; found {sorted(data)}")
+    train = data["split"] == 0
+    feats = {}
+    for name, f in data.items():
+        if name in META:
+            continue
+        f = f.double().flatten(1)
+        feats[name] = (f - f[train].mean(0)) / (f[train].std(0) + 1e-6)
+    return feats, data["label"].long(), train
+
+
+def select_by_validation(feats: Mapping[str, torch.Tensor], y: torch.Tensor, train: torch.Tensor,
+                         per_class: int, seeds: Sequence[int], num_classes: int = 10,
+                         split_seed: int = 123) -> tuple[str, dict[str, float]]:
+    """The feature whose LDA probe has the best mean validation accuracy at ``per_class`` labels.
+
+    Validation uses only the training split: a stratified third of it is held out and the labelled
+    subsets are drawn from the other two thirds.
+    """
+    idx = train.nonzero().flatten()
+    gen = torch.Generator().manual_seed(split_seed)
+    held = torch.zeros(len(idx), dtype=torch.bool)
+    for c in torch.unique(y[idx]):
+        members = (y[idx] == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        held[members[: len(members) // 3]] = True
+    dev, val = idx[~held], idx[held]
+    scores = dict.fromkeys(feats, 0.0)
+    for seed in seeds:
+        pick = dev[labelled_subset(y[dev], per_class, seed)]
+        probes = fit_lda_probes({n: f[pick] for n, f in feats.items()}, y[pick], num_classes)
+        for n, acc in lda_accuracies(probes, {n: f[val] for n, f in feats.items()}, y[val]).items():
+            scores[n] += acc / len(seeds)
+    return max(feats, key=lambda n: scores[n]), scores
+
+
+def probe_sweep(feats: Mapping[str, torch.Tensor], y: torch.Tensor, train: torch.Tensor,
+                regimes: Sequence[int], seeds: Sequence[int],
+                num_classes: int = 10) -> dict[str, dict[int, list[float]]]:
+    """Test accuracy of an LDA probe on every feature, per label regime (0 = all labels) and seed.
+
+    All heads of one (regime, seed) are fitted in one pass. The all-labels regime is deterministic and
+    run once.
+    """
+    test = ~train
+    tr_idx = train.nonzero().flatten()
+    out: dict[str, dict[int, list[float]]] = {n: {} for n in feats}
+    for regime in regimes:
+        for seed in seeds if regime else list(seeds)[:1]:
+            pick = tr_idx[labelled_subset(y[tr_idx], regime, seed)]
+            probes = fit_lda_probes({n: f[pick] for n, f in feats.items()}, y[pick], num_classes)
+            for n, acc in lda_accuracies(probes, {n: f[test] for n, f in feats.items()}, y[test]).items():
+                out[n].setdefault(regime, []).append(acc)
+    return out
+
+
+def format_cell(values: Sequence[float]) -> str:
+    """Accuracies as a percentage, ``mean ± std`` when there are several."""
+    v = torch.tensor(values, dtype=torch.float64) * 100
+    return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(unbiased=False):.1f}"
+
+
+def probe_store(store: str, regimes: Sequence[int] = (1, 5, 10, 0), seeds: Sequence[int] = (0, 1, 2)) -> str:
+    """LDA probe sweep over every feature of a feature store; returns a Markdown table."""
+    from difffeat.store import FeatureStore
+
+    feats, y, train = standardise(FeatureStore.open(store).load())
+    acc = probe_sweep(feats, y, train, regimes, seeds, num_classes=int(y.max()) + 1)
+    heads = ["all labels" if r == 0 else f"{r} / class" for r in regimes]
+    lines = ["| feature | " + " | ".join(heads) + " |", "|---" * (len(regimes) + 1) + "|"]
+    for name, per in acc.items():
+        lines.append(f"| `{name}` | " + " | ".join(format_cell(per[r]) for r in regimes) + " |")
+    return "\n".join(lines)

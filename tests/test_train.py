@@ -31,7 +31,8 @@ def test_trains_exports_and_reloads(tmp_path) -> None:
     assert (tmp_path / "model" / "model_index.json").exists()
     assert not (tmp_path / "model.tmp").exists()
     pipe = DDPMPipeline.from_pretrained(tmp_path / "model")
-    images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    gen = torch.Generator().manual_seed(0)
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=gen).images
     assert images.shape == (1, 16, 16, 1)
 
 

@@ -260,7 +260,7 @@ class Backbone(nn.Module):
 
     def token_grid(self, num_tokens: int) -> tuple[int, int]:
         """The ``(h, w)`` grid of a token sequence at the probe size (square inputs)."""
-        side = int(round(num_tokens**0.5))
+        side = round(num_tokens**0.5)
         if side * side != num_tokens:
             raise ValueError(f"{num_tokens} tokens do not form a square grid")
         return side, side

@@ -9,10 +9,15 @@ import torch
 from difffeat.data import DigitsDataModule
 from heads.classification import (
     LinearProbeModule,
+    fit_lda,
     fit_linear_probes,
     labelled_subset,
+    ledoit_wolf,
     probe_accuracies,
+    probe_store,
+    select_by_validation,
     select_weight_decay,
+    standardise,
 )
 
 
@@ -70,3 +75,50 @@ def test_online_probe_leaves_the_backbone_untouched() -> None:
     assert not module.extractor.backbone.training
     assert not torch.equal(head, module.head.weight)
     assert not any(p.requires_grad for p in module.extractor.backbone.parameters())
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    from sklearn.covariance import ledoit_wolf as reference
+
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    x = torch.randn(40, 12, generator=gen, dtype=torch.float64) @ mix
+    xc = x - x.mean(0)
+    cov, shrink = ledoit_wolf(xc)
+    ref_cov, ref_shrink = reference(xc.numpy(), assume_centered=True)
+    assert abs(shrink - ref_shrink) < 1e-10
+    torch.testing.assert_close(cov, torch.from_numpy(ref_cov))
+
+
+def test_lda_separates_correlated_classes_and_degrades_to_nearest_mean() -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    shared = torch.randn(300, generator=gen) * 5
+    x = torch.stack([y.float() + shared + 0.05 * torch.randn(300, generator=gen), shared], 1)
+    probe = fit_lda(x[:150], y[:150], 3)
+    assert (probe(x[150:]).argmax(1) == y[150:]).double().mean() > 0.95
+    one = labelled_subset(y, 1, 0)
+    nearest = fit_lda(x[one], y[one], 3)
+    assert nearest.shrinkage == 1.0
+    dists = torch.cdist(x.double(), x[one].double())
+    assert torch.equal(nearest(x).argmax(1), y[one][dists.argmin(1)])
+
+
+def test_probe_store_table(tmp_path) -> None:
+    from difffeat.store import FeatureStore
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    good = torch.nn.functional.one_hot(y, 3).double() * 3 + torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    fs = FeatureStore(tmp_path, {"test": 1}, 60, 60)
+    fs.write_shard(0, {"good@t1": good.float(), "noise@t1": torch.randn(60, 3, generator=gen),
+                       "label": y, "split": (torch.arange(60) >= 40).long(), "index": torch.arange(60)})
+    feats, labels, train = standardise(fs.load())
+    assert set(feats) == {"good@t1", "noise@t1"} and int(train.sum()) == 40
+    chosen, scores = select_by_validation(feats, labels, train, per_class=3, seeds=[0, 1])
+    assert chosen == "good@t1" and scores["good@t1"] > scores["noise@t1"]
+    table = probe_store(str(tmp_path), regimes=(1, 0), seeds=(0, 1))
+    lines = table.splitlines()
+    assert lines[0] == "| feature | 1 / class | all labels |"
+    good_row = next(line for line in lines if "good@t1" in line)
+    assert float(good_row.split("|")[3]) > 90
