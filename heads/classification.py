@@ -48,7 +48,9 @@ __all__ = [
     "labelled_subset",
     "lda_accuracies",
     "ledoit_wolf",
+    "ledoit_wolf_shrinkage",
     "probe_accuracies",
+    "probe_ensemble",
     "probe_loss",
     "probe_store",
     "probe_sweep",
@@ -169,23 +171,28 @@ def select_weight_decay(feats: Mapping[str, torch.Tensor], y: torch.Tensor, num_
     return {n: max(sorted(grid, reverse=True), key=lambda lam, n=n: correct[(n, lam)]) for n in feats}
 
 
-def ledoit_wolf(xc: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Ledoit–Wolf shrunk covariance of centred rows ``xc`` (``(n, p)``) and its shrinkage in [0, 1].
+def ledoit_wolf_shrinkage(xc: torch.Tensor) -> tuple[float, float]:
+    """Ledoit–Wolf (2004) shrinkage ``s`` and target scale ``μ = tr(S) / p`` for centred rows ``xc``.
 
-    ``Σ = (1 - s) S + s μ I`` with ``S = xcᵀxc / n``, ``μ = tr(S) / p`` and ``s`` the Ledoit–Wolf (2004)
-    estimate of the optimal shrinkage.
+    Computed from the ``n × n`` Gram matrix, never the ``p × p`` covariance: ``Σ_ij S_ij² = ‖xc xcᵀ‖²_F / n²``
+    and ``Σ_k ‖x_k‖⁴`` replace the covariance-sized terms, so the cost is ``O(n² p)``.
     """
     n, p = xc.shape
-    emp = xc.T @ xc / n
-    trace = emp.diagonal().sum()
+    sq = xc.pow(2).sum(1)  # ‖x_k‖²
+    trace = sq.sum() / n
     mu = trace / p
-    x2 = xc.pow(2)
-    delta_ = emp.pow(2).sum()
-    beta = ((x2.T @ x2).sum() / n - delta_) / (p * n)
+    delta_ = (xc @ xc.T).pow(2).sum() / n**2
+    beta = (sq.pow(2).sum() / n - delta_) / (p * n)
     delta = (delta_ - 2 * mu * trace + p * mu**2) / p
     shrink = 0.0 if float(delta) == 0 else float(torch.clamp(beta, max=delta) / delta)
-    shrink = min(max(shrink, 0.0), 1.0)
-    return (1 - shrink) * emp + shrink * mu * torch.eye(p, dtype=xc.dtype), shrink
+    return min(max(shrink, 0.0), 1.0), float(mu)
+
+
+def ledoit_wolf(xc: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Ledoit–Wolf shrunk covariance ``(1 - s) S + s μ I`` of centred rows ``xc`` and its shrinkage ``s``."""
+    shrink, mu = ledoit_wolf_shrinkage(xc)
+    emp = xc.T @ xc / xc.shape[0]
+    return (1 - shrink) * emp + shrink * mu * torch.eye(xc.shape[1], dtype=xc.dtype), shrink
 
 
 @dataclass
@@ -207,11 +214,18 @@ def fit_lda(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> LDAProbe:
     if bool((counts == 0).any()):
         raise ValueError(f"every class needs a labelled sample; counts per class: {counts.tolist()}")
     means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, y, x) / counts[:, None]
-    if len(y) - num_classes < 1:  # one sample per class: no within-class scatter, nearest class mean
-        cov, shrink = torch.eye(x.shape[1], dtype=x.dtype), 1.0
+    xc = x - means[y]
+    n, p = xc.shape
+    shrink, mu = ledoit_wolf_shrinkage(xc) if n > num_classes else (1.0, 1.0)
+    a, b = shrink * mu, (1 - shrink) / n  # Σ = a I + b xcᵀ xc
+    if n - num_classes < 1 or b == 0:  # one sample per class: no within-class scatter, nearest class mean
+        weight, shrink = means.clone(), 1.0
+    elif n < p and a > 0:  # Woodbury: Σ⁻¹ M = (M - xcᵀ (a/b I + xc xcᵀ)⁻¹ xc M) / a, an n × n solve
+        inner = torch.linalg.solve(a / b * torch.eye(n, dtype=x.dtype) + xc @ xc.T, xc @ means.T)
+        weight = ((means.T - xc.T @ inner) / a).T
     else:
-        cov, shrink = ledoit_wolf(x - means[y])
-    weight = torch.linalg.solve(cov, means.T).T
+        cov = a * torch.eye(p, dtype=x.dtype) + b * (xc.T @ xc)
+        weight = torch.linalg.solve(cov, means.T).T
     bias = -0.5 * (means * weight).sum(1)
     return LDAProbe(weight, bias, shrink)
 
@@ -313,38 +327,58 @@ def standardise(data: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def select_by_validation(feats: Mapping[str, torch.Tensor], y: torch.Tensor, train: torch.Tensor,
-                         per_class: int, seeds: Sequence[int], num_classes: int = 10,
-                         split_seed: int = 123) -> tuple[str, dict[str, float]]:
+                         per_class: int, seeds: Sequence[int], num_classes: int | None = None,
+                         split_seeds: Sequence[int] = (123, 124)) -> tuple[str, dict[str, float]]:
     """The feature whose LDA probe has the best mean validation accuracy at ``per_class`` labels.
 
-    Validation uses only the training split: a stratified third of it is held out and the labelled
-    subsets are drawn from the other two thirds.
+    Validation uses only the training split: for each of ``split_seeds`` a stratified third of it is
+    held out and labelled subsets (``per_class`` per class, one per seed; ``0`` = all) are drawn from
+    the other two thirds. Scores are averaged over splits and seeds, as one split is a noisy judge.
+
+    Returns:
+        The best feature name and every feature's mean validation accuracy.
     """
+    num_classes = num_classes or int(y.max()) + 1
     idx = train.nonzero().flatten()
-    gen = torch.Generator().manual_seed(split_seed)
-    held = torch.zeros(len(idx), dtype=torch.bool)
-    for c in torch.unique(y[idx]):
-        members = (y[idx] == c).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
-        held[members[: len(members) // 3]] = True
-    dev, val = idx[~held], idx[held]
     scores = dict.fromkeys(feats, 0.0)
-    for seed in seeds:
+    runs = [(s, seed) for s in split_seeds for seed in (seeds if per_class else list(seeds)[:1])]
+    for split_seed, seed in runs:
+        gen = torch.Generator().manual_seed(split_seed)
+        held = torch.zeros(len(idx), dtype=torch.bool)
+        for c in torch.unique(y[idx]):
+            members = (y[idx] == c).nonzero().flatten()
+            held[members[torch.randperm(len(members), generator=gen)][: len(members) // 3]] = True
+        dev, val = idx[~held], idx[held]
         pick = dev[labelled_subset(y[dev], per_class, seed)]
         probes = fit_lda_probes({n: f[pick] for n, f in feats.items()}, y[pick], num_classes)
         for n, acc in lda_accuracies(probes, {n: f[val] for n, f in feats.items()}, y[val]).items():
-            scores[n] += acc / len(seeds)
+            scores[n] += acc / len(runs)
     return max(feats, key=lambda n: scores[n]), scores
+
+
+def probe_ensemble(feats: Mapping[str, torch.Tensor], names: Sequence[str], y: torch.Tensor, train: torch.Tensor,
+                   per_class: int, seeds: Sequence[int], num_classes: int | None = None) -> list[float]:
+    """Test accuracy of averaging the class posteriors of LDA probes on several features."""
+    num_classes = num_classes or int(y.max()) + 1
+    test, tr_idx = ~train, train.nonzero().flatten()
+    accs = []
+    for seed in seeds if per_class else list(seeds)[:1]:
+        pick = tr_idx[labelled_subset(y[tr_idx], per_class, seed)]
+        probes = fit_lda_probes({n: feats[n][pick] for n in names}, y[pick], num_classes)
+        posterior = sum(torch.softmax(probes[n](feats[n][test]), 1) for n in names)
+        accs.append((posterior.argmax(1) == y[test]).double().mean().item())
+    return accs
 
 
 def probe_sweep(feats: Mapping[str, torch.Tensor], y: torch.Tensor, train: torch.Tensor,
                 regimes: Sequence[int], seeds: Sequence[int],
-                num_classes: int = 10) -> dict[str, dict[int, list[float]]]:
+                num_classes: int | None = None) -> dict[str, dict[int, list[float]]]:
     """Test accuracy of an LDA probe on every feature, per label regime (0 = all labels) and seed.
 
     All heads of one (regime, seed) are fitted in one pass. The all-labels regime is deterministic and
     run once.
     """
+    num_classes = num_classes or int(y.max()) + 1
     test = ~train
     tr_idx = train.nonzero().flatten()
     out: dict[str, dict[int, list[float]]] = {n: {} for n in feats}
@@ -368,7 +402,7 @@ def probe_store(store: str, regimes: Sequence[int] = (1, 5, 10, 0), seeds: Seque
     from difffeat.store import FeatureStore
 
     feats, y, train = standardise(FeatureStore.open(store).load())
-    acc = probe_sweep(feats, y, train, regimes, seeds, num_classes=int(y.max()) + 1)
+    acc = probe_sweep(feats, y, train, regimes, seeds)
     heads = ["all labels" if r == 0 else f"{r} / class" for r in regimes]
     lines = ["| feature | " + " | ".join(heads) + " |", "|---" * (len(regimes) + 1) + "|"]
     for name, per in acc.items():

@@ -51,3 +51,21 @@ def test_extract_config_typo_is_named(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["extract", "--config", str(bad)])
     assert "shard_sise" in capsys.readouterr().err
+
+
+def test_probe_subcommand_writes_a_table(tmp_path: Path, capsys) -> None:
+    import torch
+
+    from difffeat.store import FeatureStore
+
+    y = torch.arange(30) % 3
+    fs = FeatureStore(tmp_path / "store", {"cli": 1}, 30, 16)
+    for k in range(fs.num_shards):
+        rows = torch.tensor(list(fs.shard_range(k)))
+        fs.write_shard(k, {"f@t0": torch.nn.functional.one_hot(y[rows], 3).float() + 0.1 * rows[:, None] / 30,
+                           "label": y[rows], "split": (rows >= 20).long(), "index": rows})
+    out = tmp_path / "probe.md"
+    main(["probe", "--store", str(tmp_path / "store"), "--labels_per_class", "[1, 0]", "--seeds", "[0]",
+          "--out", str(out)])
+    assert "| `f@t0` | 100.0 | 100.0 |" in out.read_text()
+    assert "f@t0" in capsys.readouterr().out

@@ -20,7 +20,11 @@ from torch import nn
 
 from difffeat.noise import NoiseSchedule
 
-__all__ = ["Backbone", "FeatureInfo", "check_images"]
+__all__ = ["LOAD_KWARGS", "Backbone", "FeatureInfo", "check_images"]
+
+#: how every diffusers model is loaded: never from the network; plain loading (the low-memory path needs
+#: the optional ``accelerate`` package and only matters for checkpoints larger than RAM)
+LOAD_KWARGS = {"local_files_only": True, "low_cpu_mem_usage": False}
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class Backbone(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, scheduler: Any = None, **kwargs: Any) -> Backbone:
         """Loads the model from a local diffusers model folder (never from the network)."""
-        model = cls.diffusers_class().from_pretrained(model_dir, local_files_only=True)
+        model = cls.diffusers_class().from_pretrained(model_dir, **LOAD_KWARGS)
         return cls(model, _schedule(scheduler, cls.default_scheduler), **kwargs)
 
     @classmethod

@@ -20,7 +20,7 @@ from typing import Any
 
 from diffusers import AutoencoderKL, DDPMScheduler
 
-from difffeat.backbones.base import Backbone
+from difffeat.backbones.base import LOAD_KWARGS, Backbone
 
 __all__ = [
     "create_backbone",
@@ -103,7 +103,7 @@ def _load_folder(folder: Path, **kwargs: Any) -> Backbone:
         if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
             kwargs["scheduler"] = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
         if "vae" not in kwargs and (folder / "vae").is_dir():
-            kwargs["vae"] = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(folder / "vae", **LOAD_KWARGS)
         kwargs.setdefault("pipeline_dir", folder)
     else:
         config = folder / "config.json"

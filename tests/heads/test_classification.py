@@ -14,6 +14,7 @@ from heads.classification import (
     labelled_subset,
     ledoit_wolf,
     probe_accuracies,
+    probe_ensemble,
     probe_store,
     select_by_validation,
     select_weight_decay,
@@ -92,11 +93,12 @@ def test_ledoit_wolf_matches_scikit_learn() -> None:
 
 def test_lda_separates_correlated_classes_and_degrades_to_nearest_mean() -> None:
     gen = torch.Generator().manual_seed(0)
-    y = torch.arange(300) % 3
-    shared = torch.randn(300, generator=gen) * 5
-    x = torch.stack([y.float() + shared + 0.05 * torch.randn(300, generator=gen), shared], 1)
-    probe = fit_lda(x[:150], y[:150], 3)
-    assert (probe(x[150:]).argmax(1) == y[150:]).double().mean() > 0.95
+    y = torch.arange(3000) % 3
+    shared = torch.randn(3000, generator=gen) * 5
+    x = torch.stack([y.float() + shared + 0.05 * torch.randn(3000, generator=gen), shared], 1)
+    probe = fit_lda(x[:1500], y[:1500], 3)  # enough samples for a small shrinkage
+    assert probe.shrinkage < 0.01
+    assert (probe(x[1500:]).argmax(1) == y[1500:]).double().mean() > 0.95
     one = labelled_subset(y, 1, 0)
     nearest = fit_lda(x[one], y[one], 3)
     assert nearest.shrinkage == 1.0
@@ -117,8 +119,22 @@ def test_probe_store_table(tmp_path) -> None:
     assert set(feats) == {"good@t1", "noise@t1"} and int(train.sum()) == 40
     chosen, scores = select_by_validation(feats, labels, train, per_class=3, seeds=[0, 1])
     assert chosen == "good@t1" and scores["good@t1"] > scores["noise@t1"]
+    both = probe_ensemble(feats, ["good@t1", "noise@t1"], labels, train, per_class=3, seeds=[0, 1])
+    alone = probe_ensemble(feats, ["noise@t1"], labels, train, per_class=3, seeds=[0, 1])
+    assert len(both) == 2 and min(both) > max(alone)
     table = probe_store(str(tmp_path), regimes=(1, 0), seeds=(0, 1))
     lines = table.splitlines()
     assert lines[0] == "| feature | 1 / class | all labels |"
     good_row = next(line for line in lines if "good@t1" in line)
     assert float(good_row.split("|")[3]) > 90
+
+
+def test_lda_woodbury_path_equals_the_direct_solve() -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(30) % 3
+    x = torch.randn(30, 50, generator=gen, dtype=torch.float64) + torch.nn.functional.one_hot(y, 50).double()
+    probe = fit_lda(x, y, 3)  # n = 30 < p = 50: the n × n path
+    means = torch.stack([x[y == c].mean(0) for c in range(3)])
+    cov, shrink = ledoit_wolf(x - means[y])
+    assert 0 < shrink < 1 and abs(probe.shrinkage - shrink) < 1e-12
+    torch.testing.assert_close(probe.weight, torch.linalg.solve(cov, means.T).T)
