@@ -99,6 +99,8 @@ class Backbone(nn.Module):
         vae: optional diffusers ``AutoencoderKL``; when given, images are encoded to latents with the
             posterior *mean* (not a sample, so features are deterministic) times ``scaling_factor``.
         name: a label used in store keys and reports.
+        pipeline_dir: the diffusers pipeline folder the model came from, if any (adapters may read
+            extra files there).
     """
 
     #: the model's diffusers class name, the adapter registry's key
@@ -107,8 +109,9 @@ class Backbone(nn.Module):
     default_scheduler: dict[str, Any] = {}  # noqa: RUF012 (read-only class default)
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, vae: nn.Module | None = None,
-                 name: str = "") -> None:
+                 name: str = "", pipeline_dir: str | Path | None = None) -> None:
         super().__init__()
+        self.pipeline_dir = Path(pipeline_dir) if pipeline_dir is not None else None
         self.model = model
         self.vae = vae
         self.schedule = schedule

@@ -30,8 +30,7 @@ class DiTBackbone(Backbone):
 
     model_class = "DiTTransformer2DModel"
 
-    def __init__(self, model: nn.Module, schedule: Any, class_label: int | None = None,
-                 pipeline_dir: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, schedule: Any, class_label: int | None = None, **kwargs: Any) -> None:
         super().__init__(model, schedule, **kwargs)
         num_classes = model.config.num_embeds_ada_norm
         self.class_label = num_classes if class_label is None else class_label

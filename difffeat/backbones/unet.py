@@ -49,8 +49,7 @@ class UNet2DBackbone(Backbone):
 
     model_class = "UNet2DModel"
 
-    def __init__(self, model: nn.Module, schedule: Any, class_label: int = 0, pipeline_dir: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, schedule: Any, class_label: int = 0, **kwargs: Any) -> None:
         super().__init__(model, schedule, **kwargs)
         self.class_label = class_label
 
@@ -81,20 +80,18 @@ class UNet2DConditionBackbone(Backbone):
         vae: optional ``AutoencoderKL``; images are then encoded to latents with the posterior mean.
         encoder_hidden_states: a fixed condition ``(1 or B, L, D)``, cached as a buffer.
         null_embedding: path of a safetensors file with a ``prompt_embeds`` tensor ``(1, L, D)``.
-        pipeline_dir: the pipeline folder, searched for ``null_embedding.safetensors`` when no
-            condition is given.
-        **kwargs: see :class:`Backbone`.
+        **kwargs: see :class:`Backbone`; its ``pipeline_dir`` is searched for
+            ``null_embedding.safetensors`` when no condition is given.
     """
 
     model_class = "UNet2DConditionModel"
     default_scheduler = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}  # noqa: RUF012
 
     def __init__(self, model: nn.Module, schedule: Any, encoder_hidden_states: torch.Tensor | None = None,
-                 null_embedding: str | Path | None = None, pipeline_dir: str | Path | None = None,
-                 **kwargs: Any) -> None:
+                 null_embedding: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(model, schedule, **kwargs)
         if encoder_hidden_states is None:
-            encoder_hidden_states = self._null_embedding(null_embedding, pipeline_dir)
+            encoder_hidden_states = self._null_embedding(null_embedding, self.pipeline_dir)
         dim = model.config.cross_attention_dim
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != dim:
             raise ValueError(f"encoder_hidden_states must have shape (B, L, {dim}), got "

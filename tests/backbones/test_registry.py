@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+from safetensors.torch import save_file
 
 from difffeat.backbones import Backbone, create_backbone, list_backbones
 from difffeat.backbones.registry import resolve_local
@@ -65,7 +66,10 @@ def test_pipeline_folder_loads_scheduler_and_vae(tmp_path) -> None:
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "scheduler": ["diffusers", "DDPMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
+    null = torch.randn(1, 5, 16)
+    save_file({"prompt_embeds": null}, str(folder / "null_embedding.safetensors"))
     loaded = create_backbone(folder)
+    assert torch.equal(loaded.encoder_hidden_states, null)
     assert loaded.schedule.num_train_timesteps == 500
     assert loaded.image_channels == 3 and loaded.image_size == 16
     latents = loaded.encode(torch.rand(2, 3, 16, 16) * 2 - 1)
