@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 
 __all__ = [
+    "FlowSchedule",
     "NoiseSchedule",
     "flow_interpolate",
     "sample_seed",
@@ -46,14 +47,25 @@ class NoiseSchedule:
         self.prediction_type = prediction_type
 
     @classmethod
-    def from_scheduler(cls, scheduler: DDPMScheduler) -> NoiseSchedule:
-        """Builds the schedule of any diffusers scheduler that exposes ``alphas_cumprod``."""
+    def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
+        """The schedule of a diffusers scheduler: a flow-matching one gives a :class:`FlowSchedule`, any
+        scheduler exposing ``alphas_cumprod`` (DDPM, DDIM, …) a discrete one."""
+        if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+            return FlowSchedule(scheduler.config.num_train_timesteps)
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod and is not a flow-matching "
+                            f"scheduler; difffeat cannot tell how it noises")
         return cls(scheduler.alphas_cumprod.clone(), scheduler.config.get("prediction_type", "epsilon"))
 
     @classmethod
     def from_config(cls, config: dict | None = None) -> NoiseSchedule:
-        """Builds a ``DDPMScheduler`` from a config dict (diffusers defaults where a key is missing)."""
-        return cls.from_scheduler(DDPMScheduler.from_config(dict(config or {})))
+        """Builds the scheduler a config dict names in ``_class_name`` (default ``DDPMScheduler``;
+        diffusers defaults where a key is missing)."""
+        import diffusers
+
+        config = dict(config or {})
+        scheduler_cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"))
+        return cls.from_scheduler(scheduler_cls.from_config(config))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -91,11 +103,41 @@ class NoiseSchedule:
         return (a.sqrt().view(shape) * noise.double() - (1 - a).sqrt().view(shape) * x.double()).to(x.dtype)
 
 
+class FlowSchedule(NoiseSchedule):
+    """The linear interpolant of SiT / rectified flow, on the same integer index as DDPM models.
+
+    Index ``k ∈ {0, …, T-1}`` means continuous time ``t = k / T`` and ``x_t = (1 - t) x + t ε``; the
+    network receives ``k`` (``t · T``) as its timestep, the range its sinusoidal embedding was built
+    for, so a flow model's taps are addressed exactly like a DDPM model's (0 = least noise).
+
+    Args:
+        num_train_timesteps: ``T``.
+    """
+
+    prediction_type = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000) -> None:
+        if num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        self.T = num_train_timesteps
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.T
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return flow_interpolate(x, noise, t.double() / self.T)
+
+    def velocity(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The flow target ``v = ε - x`` (independent of ``t``)."""
+        return noise - x
+
+
 def flow_interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Linear interpolant ``x_t = (1 - t) x + t ε`` with continuous ``t ∈ [0, 1]`` (1 = noise)."""
     shape = (-1,) + (1,) * (x.ndim - 1)
-    t = t.to(x.dtype).view(shape)
-    return (1 - t) * x + t * noise
+    t = t.double().view(shape)
+    return ((1 - t) * x.double() + t * noise.double()).to(x.dtype)
 
 
 def sample_seed(seed: int, index: int, member: int = 0) -> int:

@@ -1,8 +1,16 @@
 """``DiffusionModule``: trains a diffusion backbone and saves it in diffusers format.
 
-The saved folder is a diffusers pipeline (``model_index.json``, ``unet/``, ``scheduler/``), so
-``create_backbone(folder)`` loads it like any downloaded checkpoint and ``DDPMPipeline.from_pretrained``
-samples from it.
+Objectives (the noising conventions live in :mod:`difffeat.noise`):
+
+* ``"eps"``: DDPM, integer ``t`` uniform in ``[0, T-1]``, the network predicts the noise ε;
+* ``"v"``: the same process, the network predicts ``v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x``;
+* ``"flow"``: the SiT linear interpolant ``x_t = (1 - t) x + t ε`` with ``t ~ U[0, 1]`` (1 = noise) and
+  velocity target ``v = ε - x``; the network's timestep input is ``t · T`` (see
+  :class:`~difffeat.noise.FlowSchedule`).
+
+The saved folder is a diffusers pipeline (``model_index.json``, ``unet/`` or ``transformer/``,
+``scheduler/``), so ``create_backbone(folder)`` loads it like any downloaded checkpoint and, for a U-Net
+trained with ``"eps"``, ``DDPMPipeline.from_pretrained`` samples from it.
 """
 
 from __future__ import annotations
@@ -17,37 +25,67 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler
 
 from difffeat.backbones import create_backbone
 
 __all__ = ["DiffusionModule", "diffusion_loss", "save_pipeline"]
 
-OBJECTIVES = ("eps", "v")
+OBJECTIVES = ("eps", "v", "flow")
+#: scheduler config per objective (the flow one is diffusers' flow-matching scheduler, shift 1 = plain SiT)
+SCHEDULERS = {
+    "eps": {"_class_name": "DDPMScheduler", "prediction_type": "epsilon"},
+    "v": {"_class_name": "DDPMScheduler", "prediction_type": "v_prediction"},
+    "flow": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0},
+}
+#: pipeline folder layout per denoiser class: (component name, pipeline class written to model_index.json)
+LAYOUT = {"UNet2DModel": ("unet", "DDPMPipeline"), "DiTTransformer2DModel": ("transformer", "DiTPipeline")}
+
+
+def noised_batch(module: DiffusionModule, x0: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, t, target)`` for one batch under the module's objective (``t`` as the network sees it)."""
+    schedule = module.backbone.schedule
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    n, steps = x0.shape[0], schedule.num_train_timesteps
+    if module.objective == "flow":
+        t = torch.rand(n, generator=generator, device=x0.device) * steps  # continuous t · T
+    else:
+        t = torch.randint(0, steps, (n,), device=x0.device, generator=generator)
+    x_t = schedule.add_noise(x0, noise, t)
+    target = noise if module.objective == "eps" else schedule.velocity(x0, noise, t)
+    return x_t, t, target
 
 
 def diffusion_loss(module: DiffusionModule, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDPM loss of one batch: uniform integer ``t``, MSE to the ε (or v) target."""
-    schedule = module.backbone.schedule
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-    x_t = schedule.add_noise(x0, noise, t)
-    target = noise if module.objective == "eps" else schedule.velocity(x0, noise, t)
-    return F.mse_loss(module.backbone.denoise(x_t, t), target)
+    """MSE between the network's prediction and the objective's target on one batch.
+
+    A DiT that also predicts its variance (``out_channels = 2 C``) has only its first ``C`` channels
+    trained: the mean prediction, as in DiT's simple loss without the VLB term.
+    """
+    x_t, t, target = noised_batch(module, x0, generator)
+    pred = module.backbone.denoise(x_t, t)[:, : x0.shape[1]]
+    return F.mse_loss(pred, target)
 
 
 def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], folder: str | Path,
                   extra: dict[str, Any] | None = None) -> Path:
-    """Saves ``model`` and its scheduler as a diffusers ``DDPMPipeline`` folder, atomically.
+    """Saves ``model`` and its scheduler as a diffusers pipeline folder, atomically.
 
     The folder is written beside its destination and renamed into place, so a crash never leaves a
     half-saved model where a loader would find it. ``extra`` is written to ``difffeat.json``.
     """
+    import diffusers
+
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = DDPMPipeline(unet=copy.deepcopy(model).float().cpu(), scheduler=DDPMScheduler.from_config(scheduler_config))
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    component, pipeline = LAYOUT[type(model).__name__]
+    scheduler = getattr(diffusers, scheduler_config.get("_class_name", "DDPMScheduler")).from_config(scheduler_config)
+    copy.deepcopy(model).float().cpu().save_pretrained(tmp / component, safe_serialization=True)
+    scheduler.save_pretrained(tmp / "scheduler")
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+             component: ["diffusers", type(model).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     (tmp / "difffeat.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True, default=str))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -55,13 +93,15 @@ def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], fold
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains a diffusers ``UNet2DModel`` with the DDPM objective, keeping EMA weights.
+    """Trains a diffusers ``UNet2DModel`` or ``DiTTransformer2DModel``, keeping EMA weights.
 
     Args:
         backbone: a registered name or a local folder to start from.
         backbone_kwargs: extra arguments for ``create_backbone`` (e.g. ``seed`` of the random init).
-        scheduler: the ``DDPMScheduler`` config (diffusers defaults: linear β 1e-4 → 0.02, T = 1000).
-        objective: ``"eps"`` (predict the noise, as DDPM) or ``"v"`` (v-prediction).
+        scheduler: overrides of the objective's scheduler config (DDPM: diffusers defaults, linear β
+            1e-4 → 0.02, T = 1000).
+        objective: ``"eps"`` (predict the noise, as DDPM), ``"v"`` (v-prediction) or ``"flow"`` (SiT
+            linear interpolant, velocity prediction).
         lr: peak AdamW learning rate, reached after ``warmup_steps`` and decayed to 0 by a cosine.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up length.
@@ -78,8 +118,7 @@ class DiffusionModule(L.LightningModule):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.save_hyperparameters()
-        self.scheduler_config = dict(DDPMScheduler.from_config(dict(scheduler or {})).config)
-        self.scheduler_config["prediction_type"] = "epsilon" if objective == "eps" else "v_prediction"
+        self.scheduler_config = {**SCHEDULERS[objective], **(scheduler or {})}
         self.backbone = create_backbone(backbone, scheduler=self.scheduler_config, **(backbone_kwargs or {}))
         self.backbone.requires_grad_(True).train()  # create_backbone returns eval mode; Lightning keeps modes
         self.ema = copy.deepcopy(self.backbone.model).requires_grad_(False).eval()

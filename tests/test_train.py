@@ -41,3 +41,34 @@ def test_v_objective_and_bad_objective() -> None:
     assert module.scheduler_config["prediction_type"] == "v_prediction"
     with pytest.raises(ValueError, match="objective"):
         DiffusionModule("unet2d-tiny", objective="x0")
+
+
+def test_flow_objective_trains_a_dit_and_reloads_with_its_schedule(tmp_path) -> None:
+    from difffeat.noise import FlowSchedule
+
+    L.seed_everything(0)
+    module = DiffusionModule("dit-digits", objective="flow", warmup_steps=1, export_dir=str(tmp_path / "dit"))
+    assert isinstance(module.backbone.schedule, FlowSchedule)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DigitsDataModule(batch_size=8))
+    loaded = create_backbone(tmp_path / "dit")
+    assert type(loaded).__name__ == "DiTBackbone" and isinstance(loaded.schedule, FlowSchedule)
+    assert (tmp_path / "dit" / "transformer" / "config.json").exists()
+    for a, b in zip(loaded.model.parameters(), module.ema.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_flow_batch_is_the_linear_interpolant() -> None:
+    from difffeat.train import noised_batch
+
+    module = DiffusionModule("unet2d-tiny", objective="flow")
+    x0 = torch.randn(6, 1, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    x_t, t, target = noised_batch(module, x0, gen)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = (torch.rand(6, generator=gen) * 1000).double() / 1000
+    assert bool(((t >= 0) & (t < 1000)).all()) and t.dtype.is_floating_point
+    torch.testing.assert_close(x_t, ((1 - s).view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise).float())
+    torch.testing.assert_close(target, noise - x0)

@@ -21,6 +21,7 @@ from difffeat.backbones.registry import (
 from difffeat.backbones.unet import UNet2DBackbone, UNet2DConditionBackbone
 
 __all__ = [
+    "DIGITS_DIT",
     "DIGITS_UNET",
     "Backbone",
     "DiTBackbone",
@@ -100,3 +101,17 @@ def dit_tiny(**kwargs: Any) -> Backbone:
               "num_layers": 4, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10,
               "norm_num_groups": 8}
     return DiTBackbone.from_config(config, name="dit-tiny", **kwargs)
+
+
+#: A pixel-space DiT for 16×16 grey digits: patch 2 (an 8×8 token grid), 6 blocks of width 128, 10 classes
+#: plus the null class; no learned variance (one output channel), as flow models predict only a velocity.
+DIGITS_DIT: dict[str, Any] = {
+    "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 1, "out_channels": 1,
+    "num_layers": 6, "sample_size": 16, "patch_size": 2, "num_embeds_ada_norm": 10,
+}
+
+
+@register_backbone
+def dit_digits(**kwargs: Any) -> Backbone:
+    """The digits DiT (random init; ``difffeat fit`` trains it)."""
+    return DiTBackbone.from_config(DIGITS_DIT, name="dit-digits", **kwargs)

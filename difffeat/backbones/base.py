@@ -52,10 +52,8 @@ def _schedule(scheduler: Any, default: dict[str, Any]) -> NoiseSchedule:
     """A :class:`NoiseSchedule` from a diffusers scheduler, a config dict, or the adapter's default."""
     if isinstance(scheduler, NoiseSchedule):
         return scheduler
-    if scheduler is None:
-        return NoiseSchedule.from_config(default)
-    if isinstance(scheduler, dict):
-        return NoiseSchedule.from_config(scheduler)
+    if scheduler is None or isinstance(scheduler, dict):
+        return NoiseSchedule.from_config(default if scheduler is None else scheduler)
     return NoiseSchedule.from_scheduler(scheduler)
 
 

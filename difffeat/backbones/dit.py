@@ -51,5 +51,5 @@ class DiTBackbone(Backbone):
         return side, side
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        labels = cond if cond is not None else torch.full_like(t, self.class_label)
+        labels = cond if cond is not None else torch.full(t.shape, self.class_label, dtype=torch.long, device=t.device)
         return self.model(x_t, t, class_labels=labels).sample

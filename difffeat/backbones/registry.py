@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL
 
 from difffeat.backbones.base import LOAD_KWARGS, Backbone
 
@@ -101,7 +101,7 @@ def _load_folder(folder: Path, **kwargs: Any) -> Backbone:
         class_name = components[denoiser][1]
         model_dir = folder / denoiser
         if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
-            kwargs["scheduler"] = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+            kwargs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
         if "vae" not in kwargs and (folder / "vae").is_dir():
             kwargs["vae"] = AutoencoderKL.from_pretrained(folder / "vae", **LOAD_KWARGS)
         kwargs.setdefault("pipeline_dir", folder)

@@ -59,7 +59,8 @@ class UNet2DBackbone(Backbone):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         labels = None
         if self.model.config.num_class_embeds is not None:
-            labels = cond if cond is not None else torch.full_like(t, self.class_label)
+            labels = cond if cond is not None else torch.full(t.shape, self.class_label, dtype=torch.long,
+                                                                  device=t.device)
         return self.model(x_t, t, class_labels=labels).sample
 
 
