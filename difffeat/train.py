@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from difffeat.align import Alignment
 from difffeat.backbones import create_backbone
 
 __all__ = ["DiffusionModule", "diffusion_loss", "save_pipeline"]
@@ -108,25 +110,50 @@ class DiffusionModule(L.LightningModule):
         ema_decay: EMA decay; the effective decay ramps up as ``min(decay, (1 + n) / (10 + n))``
             (as diffusers' ``EMAModel``), so short runs are not dominated by the initial weights.
         export_dir: where the EMA model is saved as a diffusers pipeline when training ends.
+        alignment: REPA / HASTE plug-in (:class:`~difffeat.align.Alignment`); its projector trains
+            with the backbone, its teacher stays frozen and stops running after its ``stop_step``.
     """
 
     def __init__(self, backbone: str = "unet2d-digits", backbone_kwargs: dict[str, Any] | None = None,
                  scheduler: dict[str, Any] | None = None, objective: str = "eps", lr: float = 2e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 50, ema_decay: float = 0.999,
-                 export_dir: str | None = None) -> None:
+                 export_dir: str | None = None, alignment: Alignment | None = None) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["alignment"])
         self.scheduler_config = {**SCHEDULERS[objective], **(scheduler or {})}
         self.backbone = create_backbone(backbone, scheduler=self.scheduler_config, **(backbone_kwargs or {}))
         self.backbone.requires_grad_(True).train()  # create_backbone returns eval mode; Lightning keeps modes
         self.ema = copy.deepcopy(self.backbone.model).requires_grad_(False).eval()
         self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
         self.warmup_steps, self.ema_decay, self.export_dir = warmup_steps, ema_decay, export_dir
+        self.alignment = alignment
+        if alignment is not None:
+            alignment.bind(self.backbone)
+
+    def compute_loss(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss of one batch at optimisation step ``step`` and its named terms.
+
+        The alignment plug-in's terms are added while it is active; from its ``stop_step`` on, the
+        total is the diffusion loss alone and the teacher is not run.
+        """
+        x_t, t, target = noised_batch(self, images)
+        align = self.alignment is not None and self.alignment.active(step)
+        with self.alignment.capture(self.backbone) if align else nullcontext({}) as found:
+            pred = self.backbone.denoise(x_t, t)[:, : images.shape[1]]
+        terms = {"diffusion": F.mse_loss(pred, target)}
+        if align:
+            terms.update(self.alignment.loss(found, images))
+        loss = terms["diffusion"]
+        for name, term in terms.items():
+            if name != "diffusion":
+                loss = loss + term
+        return loss, terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = diffusion_loss(self, batch["image"])
+        loss, terms = self.compute_loss(batch["image"], self.global_step)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()})
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -144,7 +171,10 @@ class DiffusionModule(L.LightningModule):
             b_ema.copy_(b)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.AdamW(self.backbone.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params = list(self.backbone.parameters())
+        if self.alignment is not None:
+            params += list(self.alignment.projector.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
 
         def factor(step: int) -> float:
