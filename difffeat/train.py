@@ -26,9 +26,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from difffeat.align import Alignment
 from difffeat.backbones import create_backbone
+from difffeat.selfcond import SelfConditioning
 
 __all__ = ["DiffusionModule", "diffusion_loss", "save_pipeline"]
 
@@ -65,16 +67,18 @@ def diffusion_loss(module: DiffusionModule, x0: torch.Tensor, generator: torch.G
     trained: the mean prediction, as in DiT's simple loss without the VLB term.
     """
     x_t, t, target = noised_batch(module, x0, generator)
-    pred = module.backbone.denoise(x_t, t)[:, : x0.shape[1]]
+    pred = module.backbone(x_t, t)[:, : x0.shape[1]]
     return F.mse_loss(pred, target)
 
 
 def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], folder: str | Path,
-                  extra: dict[str, Any] | None = None) -> Path:
+                  extra: dict[str, Any] | None = None, selfcond: SelfConditioning | None = None) -> Path:
     """Saves ``model`` and its scheduler as a diffusers pipeline folder, atomically.
 
     The folder is written beside its destination and renamed into place, so a crash never leaves a
-    half-saved model where a loader would find it. ``extra`` is written to ``difffeat.json``.
+    half-saved model where a loader would find it. ``extra`` is written to ``difffeat.json``; a
+    self-conditioning MLP goes to ``selfcond/`` (config and safetensors weights), which
+    ``create_backbone`` re-attaches.
     """
     import diffusers
 
@@ -89,6 +93,11 @@ def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], fold
              component: ["diffusers", type(model).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     (tmp / "difffeat.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True, default=str))
+    if selfcond is not None:
+        (tmp / "selfcond").mkdir()
+        (tmp / "selfcond" / "config.json").write_text(json.dumps(selfcond.config(), indent=2))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in selfcond.state_dict().items()},
+                  str(tmp / "selfcond" / "model.safetensors"))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -112,20 +121,24 @@ class DiffusionModule(L.LightningModule):
         export_dir: where the EMA model is saved as a diffusers pipeline when training ends.
         alignment: REPA / HASTE plug-in (:class:`~difffeat.align.Alignment`); its projector trains
             with the backbone, its teacher stays frozen and stops running after its ``stop_step``.
+        self_conditioning: DDAE++ self-conditioning (:class:`~difffeat.selfcond.SelfConditioning`); its
+            MLP becomes part of the backbone (trained, EMA-averaged and exported with it).
     """
 
     def __init__(self, backbone: str = "unet2d-digits", backbone_kwargs: dict[str, Any] | None = None,
                  scheduler: dict[str, Any] | None = None, objective: str = "eps", lr: float = 2e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 50, ema_decay: float = 0.999,
-                 export_dir: str | None = None, alignment: Alignment | None = None) -> None:
+                 export_dir: str | None = None, alignment: Alignment | None = None,
+                 self_conditioning: SelfConditioning | None = None) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.save_hyperparameters(ignore=["alignment"])
+        self.save_hyperparameters(ignore=["alignment", "self_conditioning"])
         self.scheduler_config = {**SCHEDULERS[objective], **(scheduler or {})}
         self.backbone = create_backbone(backbone, scheduler=self.scheduler_config, **(backbone_kwargs or {}))
+        self.backbone.set_self_conditioning(self_conditioning)
         self.backbone.requires_grad_(True).train()  # create_backbone returns eval mode; Lightning keeps modes
-        self.ema = copy.deepcopy(self.backbone.model).requires_grad_(False).eval()
+        self.ema = copy.deepcopy(self.backbone).requires_grad_(False).eval()
         self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
         self.warmup_steps, self.ema_decay, self.export_dir = warmup_steps, ema_decay, export_dir
         self.alignment = alignment
@@ -141,7 +154,7 @@ class DiffusionModule(L.LightningModule):
         x_t, t, target = noised_batch(self, images)
         align = self.alignment is not None and self.alignment.active(step)
         with self.alignment.capture(self.backbone) if align else nullcontext({}) as found:
-            pred = self.backbone.denoise(x_t, t)[:, : images.shape[1]]
+            pred = self.backbone(x_t, t)[:, : images.shape[1]]
         terms = {"diffusion": F.mse_loss(pred, target)}
         if align:
             terms.update(self.alignment.loss(found, images))
@@ -165,9 +178,9 @@ class DiffusionModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.global_step
         decay = min(self.ema_decay, (1 + n) / (10 + n))
-        for p_ema, p in zip(self.ema.parameters(), self.backbone.model.parameters(), strict=True):
+        for p_ema, p in zip(self.ema.parameters(), self.backbone.parameters(), strict=True):
             p_ema.lerp_(p.detach(), 1 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.backbone.model.buffers(), strict=True):
+        for b_ema, b in zip(self.ema.buffers(), self.backbone.buffers(), strict=True):
             b_ema.copy_(b)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -188,5 +201,6 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
-            save_pipeline(self.ema, self.scheduler_config, self.export_dir,
-                          extra={"hparams": dict(self.hparams), "global_step": self.global_step})
+            save_pipeline(self.ema.model, self.scheduler_config, self.export_dir,
+                          extra={"hparams": dict(self.hparams), "global_step": self.global_step},
+                          selfcond=self.ema.selfcond)

@@ -26,7 +26,7 @@ def test_trains_exports_and_reloads(tmp_path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(module.backbone.parameters(), ema, strict=True))
 
     loaded = create_backbone(tmp_path / "model")
-    for a, b in zip(loaded.model.parameters(), ema, strict=True):
+    for a, b in zip(loaded.model.parameters(), module.ema.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert (tmp_path / "model" / "model_index.json").exists()
     assert not (tmp_path / "model.tmp").exists()
@@ -55,7 +55,7 @@ def test_flow_objective_trains_a_dit_and_reloads_with_its_schedule(tmp_path) -> 
     loaded = create_backbone(tmp_path / "dit")
     assert type(loaded).__name__ == "DiTBackbone" and isinstance(loaded.schedule, FlowSchedule)
     assert (tmp_path / "dit" / "transformer" / "config.json").exists()
-    for a, b in zip(loaded.model.parameters(), module.ema.parameters(), strict=True):
+    for a, b in zip(loaded.model.parameters(), module.ema.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -114,7 +114,21 @@ class Backbone(nn.Module):
         self.vae = vae
         self.schedule = schedule
         self.name = name or type(model).__name__
+        self.selfcond: nn.Module | None = None
         self._feature_info: dict[str, FeatureInfo] | None = None
+
+    def set_self_conditioning(self, selfcond: nn.Module | None) -> Backbone:
+        """Attaches (or, with ``None``, removes) a :class:`~difffeat.selfcond.SelfConditioning`, bound to
+        this model; it is active in every :meth:`forward`."""
+        self.selfcond = selfcond.bind(self.model) if selfcond is not None and selfcond.mlp is None else selfcond
+        return self
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The denoiser's prediction, with self-conditioning when attached."""
+        if self.selfcond is None:
+            return self.denoise(x_t, t, cond)
+        with self.selfcond.hooks(self.model):
+            return self.denoise(x_t, t, cond)
 
     @classmethod
     def diffusers_class(cls) -> type[nn.Module]:
@@ -215,9 +229,9 @@ class Backbone(nn.Module):
                 h.remove()
 
     def run(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor | None:
-        """Calls :meth:`denoise`, returning ``None`` where a tap stopped the forward early."""
+        """Calls :meth:`forward`, returning ``None`` where a tap stopped the forward early."""
         try:
-            return self.denoise(x_t, t, cond)
+            return self(x_t, t, cond)
         except _StopForward:
             return None
 
@@ -247,7 +261,7 @@ class Backbone(nn.Module):
             param = next(self.model.parameters())
             size = self.latent_size
             x = torch.zeros(1, self.latent_channels, size, size, device=param.device, dtype=param.dtype)
-            self.denoise(x, torch.zeros(1, dtype=torch.long, device=param.device))
+            self(x, torch.zeros(1, dtype=torch.long, device=param.device))
         finally:
             for h in handles:
                 h.remove()

@@ -115,7 +115,16 @@ def _load_folder(folder: Path, **kwargs: Any) -> Backbone:
             raise KeyError(f"{config} has no '_class_name' key: not a diffusers model config")
         model_dir = folder
     kwargs.setdefault("name", folder.name)
-    return adapter_for(class_name).from_pretrained(model_dir, **kwargs)
+    backbone = adapter_for(class_name).from_pretrained(model_dir, **kwargs)
+    if (folder / "selfcond" / "config.json").exists():
+        from safetensors.torch import load_file
+
+        from difffeat.selfcond import SelfConditioning
+
+        selfcond = SelfConditioning(**_read_json(folder / "selfcond" / "config.json")).bind(backbone.model)
+        selfcond.load_state_dict(load_file(str(folder / "selfcond" / "model.safetensors")))
+        backbone.set_self_conditioning(selfcond)
+    return backbone
 
 
 def create_backbone(name_or_path: str | Path, **kwargs: Any) -> Backbone:
