@@ -41,6 +41,7 @@ __all__ = [
     "LDAProbe",
     "LinearProbeModule",
     "MultiLinearProbe",
+    "TimmClassifierModule",
     "fit_lda",
     "fit_lda_probes",
     "fit_linear_probes",
@@ -408,3 +409,61 @@ def probe_store(store: str, regimes: Sequence[int] = (1, 5, 10, 0), seeds: Seque
     for name, per in acc.items():
         lines.append(f"| `{name}` | " + " | ".join(format_cell(per[r]) for r in regimes) + " |")
     return "\n".join(lines)
+
+
+class TimmClassifierModule(L.LightningModule):
+    """Trains a timm model as an image classifier and exports its weights for timm to load.
+
+    This is how the project makes a frozen ViT teacher for REPA / HASTE on data that ships here: a small
+    ViT (e.g. ``vit_tiny_patch16_224`` with ``patch_size=2, in_chans=1``) trained with labels on the
+    digits *training* split only; its patch tokens then serve as the alignment target. The export is a
+    plain safetensors state dict that ``timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay={"file": path}, **model_kwargs)`` loads, the same path a downloaded timm
+    checkpoint takes.
+
+    Args:
+        model_name: timm architecture.
+        model_kwargs: architecture arguments (``img_size``, ``patch_size``, ``in_chans``, ``embed_dim``, …).
+        num_classes: classes.
+        lr: AdamW learning rate (cosine decay to 0).
+        weight_decay: AdamW weight decay.
+        export_path: where the weights are written when training ends (atomically).
+    """
+
+    def __init__(self, model_name: str = "vit_tiny_patch16_224", model_kwargs: dict[str, Any] | None = None,
+                 num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.05,
+                 export_path: str | None = None) -> None:
+        super().__init__()
+        import timm
+
+        self.save_hyperparameters()
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+        self.lr, self.weight_decay, self.export_path = lr, weight_decay, export_path
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(batch["image"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.val_acc(self.model(batch["image"]), batch["label"])
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(int(self.trainer.estimated_stepping_batches), 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.export_path and self.trainer.is_global_zero:
+            import os
+            from pathlib import Path
+
+            from safetensors.torch import save_file
+
+            path = Path(self.export_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
+            os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,35 @@ TRAINED = ".cache/difffeat/backbones/unet2d-digits"
 
 
 def _overrides(path: Path, tmp_path: Path) -> list[str]:
+    """Point outputs into tmp_path, and inputs that `make run` or the teacher config make at stand-ins."""
     text = path.read_text()
     args = []
     if TRAINED in text and "export_dir" not in text:
-        args += ["--model.backbone", "unet2d-digits"]
+        args += ["--model.backbone", "unet2d-digits"]  # same architecture, random init
     if "export_dir" in text:
         args += ["--model.export_dir", str(tmp_path / "exported")]
+    if "export_path" in text:
+        args += ["--model.export_path", str(tmp_path / "teacher.safetensors")]
     return args
+
+
+def _config(path: Path, tmp_path: Path) -> Path:
+    """The config itself, or a copy whose teacher checkpoint (made by teacher_digits.yaml) is dropped:
+    a random-init teacher of the same shape."""
+    text = path.read_text()
+    if "checkpoint: .cache" not in text:
+        return path
+    copy = tmp_path / path.name
+    copy.write_text(re.sub(r"checkpoint: \.cache\S+", "checkpoint: null", text))
+    return copy
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_runs_under_fast_dev_run(path: Path, tmp_path: Path) -> None:
-    first = path.read_text().splitlines()
-    command = next(line.split("difffeat ")[1].split()[0] for line in first if "difffeat " in line)
-    args = [command, "--config", str(path), "--trainer.fast_dev_run", "1", *_overrides(path, tmp_path)]
+    lines = path.read_text().splitlines()
+    command = next(line.split()[2] for line in lines if line.startswith("#   difffeat "))
+    args = [command, "--config", str(_config(path, tmp_path)), "--trainer.fast_dev_run", "1",
+            *_overrides(path, tmp_path)]
     if command == "extract":
         args += ["--store", str(tmp_path / "store")]
     main(args)
