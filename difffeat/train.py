@@ -32,7 +32,7 @@ from difffeat.align import Alignment
 from difffeat.backbones import create_backbone
 from difffeat.selfcond import SelfConditioning
 
-__all__ = ["DiffusionModule", "diffusion_loss", "save_pipeline"]
+__all__ = ["DiffusionModule", "PeriodicExport", "diffusion_loss", "save_pipeline"]
 
 OBJECTIVES = ("eps", "v", "flow")
 #: scheduler config per objective (the flow one is diffusers' flow-matching scheduler, shift 1 = plain SiT)
@@ -204,3 +204,22 @@ class DiffusionModule(L.LightningModule):
             save_pipeline(self.ema.model, self.scheduler_config, self.export_dir,
                           extra={"hparams": dict(self.hparams), "global_step": self.global_step},
                           selfcond=self.ema.selfcond)
+
+
+class PeriodicExport(L.Callback):
+    """Saves the EMA model every ``every_n_steps`` optimisation steps to ``{export_dir}-step{N}``.
+
+    Args:
+        every_n_steps: period in optimisation steps.
+    """
+
+    def __init__(self, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and module.export_dir and trainer.is_global_zero:
+            save_pipeline(module.ema.model, module.scheduler_config, f"{module.export_dir}-step{step}",
+                          extra={"hparams": dict(module.hparams), "global_step": step}, selfcond=module.ema.selfcond)
