@@ -72,8 +72,9 @@ def main(args: Sequence[str] | None = None) -> Any:
         print(__doc__)
         if not argv:
             return None
+    # no config.yaml dropped into the working directory on every run: `--print_config` gives it on demand
     return LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                        subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": True},
+                        subclass_mode_data=True, args=argv, save_config_callback=None,
                         parser_kwargs={"parser_mode": "yaml"})
 
 
