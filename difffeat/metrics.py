@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from difffeat.data import load_digits_split
+from difffeat.store import atomic_write
 
 __all__ = ["DigitsFeatureNet", "fd_digits", "load_fd_network"]
 
@@ -83,9 +84,7 @@ def load_fd_network(cache: str | Path = CACHE, seed: int = 0) -> DigitsFeatureNe
         return net.eval()
     net = _train(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(net.state_dict(), str(tmp))
-    tmp.replace(path)
+    atomic_write(path, save(net.state_dict()))
     return net
 
 

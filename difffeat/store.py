@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-__all__ = ["FeatureStore", "StoreError", "spec_key"]
+__all__ = ["FeatureStore", "StoreError", "atomic_write", "spec_key"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -55,7 +55,10 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path``, flushes it and renames it into place: readers
+    see the old file or the whole new one, never a part."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -93,7 +96,7 @@ class FeatureStore:
             self._check_manifest(manifest)
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-            _atomic_write(manifest, json.dumps({"key": self.key, "spec": self.spec}, indent=2,
+            atomic_write(manifest, json.dumps({"key": self.key, "spec": self.spec}, indent=2,
                                                sort_keys=True).encode())
         for stale in self.root.glob(".*.tmp-*"):  # left by a killed writer
             stale.unlink(missing_ok=True)
@@ -150,7 +153,7 @@ class FeatureStore:
         # varies between processes, and shards must be byte-identical however they were made
         meta = json.dumps({"key": self.key, "shard": k, "sha256": _digest(tensors)}, sort_keys=True)
         path = self.shard_path(k)
-        _atomic_write(path, save(tensors, metadata={"difffeat": meta}))
+        atomic_write(path, save(tensors, metadata={"difffeat": meta}))
         return path
 
     def read_shard(self, k: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

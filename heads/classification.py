@@ -457,13 +457,12 @@ class TimmClassifierModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.export_path and self.trainer.is_global_zero:
-            import os
             from pathlib import Path
 
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            path = Path(self.export_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
-            os.replace(tmp, path)
+            from difffeat.store import atomic_write
+
+            Path(self.export_path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.export_path, save({k: v.detach().cpu().contiguous()
+                                                 for k, v in self.model.state_dict().items()}))

@@ -118,3 +118,19 @@ def test_negative_stop_step_and_unmatchable_grid(checkpoint) -> None:
         DiffusionModule("dit-digits", alignment=fixed)
     with pytest.raises(TypeError, match="transformer student"):
         DiffusionModule("unet2d-tiny", alignment=_alignment(checkpoint))
+
+
+def test_project_teacher_export_loads_as_a_timm_checkpoint(tmp_path) -> None:
+    import lightning as L
+
+    from difffeat.data import DigitsDataModule
+    from heads.classification import TimmClassifierModule
+
+    module = TimmClassifierModule(VIT, {**VIT_KW, "img_size": 16}, export_path=str(tmp_path / "t.safetensors"))
+    L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, DigitsDataModule(batch_size=8))
+    teacher = TimmTeacher(VIT, str(tmp_path / "t.safetensors"), VIT_KW)
+    teacher.build((8, 8))
+    trained = module.model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in teacher.model.state_dict().items() if k in trained)
+    assert not list(tmp_path.glob("*.tmp*"))
