@@ -25,7 +25,7 @@ def test_scenes_are_deterministic_and_consistent(size) -> None:
     for index in range(6):
         a, b = render_scene(index, size, seed=3), render_scene(index, size, seed=3)
         assert all(np.array_equal(a[k], b[k]) for k in a)
-        assert a["image"].shape == (3, size, size) and 0 <= a["image"].min() and a["image"].max() <= 1
+        assert a["image"].shape == (3, size, size) and a["image"].min() >= 0 and a["image"].max() <= 1
         n = len(a["labels"])
         assert a["masks"].shape == (n, size, size) and a["boxes"].shape == (n, 4)
         assert not (a["masks"].sum(0) > 1).any()  # visible parts do not overlap

@@ -1,0 +1,129 @@
+"""Few-shot semantic segmentation on diffusion features.
+
+This file holds the episodic metric of the HSNet protocol and the training-free prototype baseline
+(PANet-style). The DiffewS-style model builds on the same episode format.
+
+Metric (exact protocol): over all episodes, foreground intersection and union are *summed per class*;
+``mIoU`` is the mean over the classes seen of ``ΣI_c / ΣU_c`` (not a mean of per-episode IoUs), and
+``FB-IoU`` is ``½ (ΣI_fg / ΣU_fg + ΣI_bg / ΣU_bg)`` summed over all episodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+
+from difffeat.extract import FeatureExtractor
+from difffeat.readout import PerPixel, concat_features
+
+__all__ = ["FewShotIoU", "PrototypeSegmenter", "dense_features", "masked_average", "shot_vote"]
+
+
+class FewShotIoU(Metric):
+    """mIoU and FB-IoU of binary episode predictions, summed per class over episodes.
+
+    Args:
+        num_classes: size of the class-id space (ids ``0 … num_classes-1``).
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        for name in ("intersection", "union"):
+            self.add_state(name, torch.zeros(2, num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("episodes", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, class_ids: torch.Tensor,
+               ignore: torch.Tensor | None = None) -> None:
+        """Adds episodes: boolean ``pred`` and ``target`` ``(B, H, W)``, their ``class_ids`` ``(B,)``, and
+        optionally pixels to ``ignore`` (e.g. PASCAL's 255 boundary)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        pred, target = pred.bool(), target.bool()
+        valid = torch.ones_like(target) if ignore is None else ~ignore.bool()
+        class_ids = torch.as_tensor(class_ids, device=pred.device).long().flatten()
+        for fg, (p, t) in enumerate(((~pred, ~target), (pred, target))):
+            inter = (p & t & valid).flatten(1).sum(1).double()
+            union = ((p | t) & valid).flatten(1).sum(1).double()
+            self.intersection[fg].index_add_(0, class_ids, inter)
+            self.union[fg].index_add_(0, class_ids, union)
+        self.episodes.index_add_(0, class_ids, torch.ones_like(class_ids))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        seen = self.episodes > 0
+        iou = self.intersection[1, seen] / self.union[1, seen].clamp(min=1)
+        fb = self.intersection[:, seen].sum(1) / self.union[:, seen].sum(1).clamp(min=1)
+        return {"miou": iou.mean(), "fbiou": fb.mean()}
+
+
+def masked_average(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Masked average pooling: ``(N, C, h, w)`` features, ``(N, H, W)`` masks → ``(N, C)``.
+
+    Masks are brought to the feature resolution by area interpolation, so they act as soft weights.
+    """
+    weights = F.interpolate(masks[:, None].float(), size=features.shape[-2:], mode="area")
+    return (features * weights).sum((2, 3)) / weights.sum((2, 3)).clamp(min=1e-6)
+
+
+def dense_features(extractor: FeatureExtractor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images → ``(N, C, h, w)``: every tap of a per-pixel extractor upsampled to one size and concatenated."""
+    if not isinstance(extractor.readout, PerPixel) or extractor.readout.output_fmt != "NCHW":
+        raise TypeError("dense features need a PerPixel readout with output_fmt='NCHW'")
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return concat_features(extractor(images))
+
+    return run
+
+
+def _check_episode(support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> None:
+    if support.ndim != 4 or support.shape[0] == 0:
+        raise ValueError(f"support must be (k >= 1, C, H, W), got {tuple(support.shape)}")
+    if support_mask.shape != (support.shape[0], *support.shape[-2:]):
+        k, _, h, w = support.shape
+        raise ValueError(f"support masks {tuple(support_mask.shape)} do not match the support images "
+                         f"{tuple(support.shape)}: expected ({k}, {h}, {w})")
+    empty = [i for i, m in enumerate(support_mask) if not m.any()]
+    if empty:
+        raise ValueError(f"support mask(s) {empty} are empty: a prototype needs foreground pixels")
+    if query.ndim != 4 or query.shape[1] != support.shape[1]:
+        raise ValueError(f"query {tuple(query.shape)} must be (B, {support.shape[1]}, H, W) like the support")
+
+
+class PrototypeSegmenter(nn.Module):
+    """PANet-style training-free few-shot segmentation.
+
+    Foreground and background prototypes are masked averages of the support features (averaged over
+    shots); every query position is scored by ``scale · cos(feature, prototype)`` and the two scores are
+    upsampled to the image and compared.
+
+    Args:
+        features: images ``(N, 3, H, W)`` → feature maps ``(N, C, h, w)`` (e.g. :func:`dense_features`).
+        scale: cosine temperature (PANet uses 20).
+    """
+
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor], scale: float = 20.0) -> None:
+        super().__init__()
+        self.features, self.scale = features, scale
+
+    def forward(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Background/foreground logits ``(B, 2, H, W)`` for ``query`` given ``k`` annotated supports."""
+        _check_episode(support, support_mask, query)
+        feats = self.features(torch.cat([support, query]))
+        fs, fq = feats[: len(support)], feats[len(support):]
+        protos = torch.stack([masked_average(fs, ~support_mask).mean(0), masked_average(fs, support_mask).mean(0)])
+        sim = F.cosine_similarity(fq[:, None], protos[None, :, :, None, None], dim=2) * self.scale
+        return F.interpolate(sim, size=query.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def shot_vote(masks: torch.Tensor) -> torch.Tensor:
+    """Per-shot vote for k-shot: sum of per-shot binary masks ``(k, H, W)``, divided by its maximum,
+    thresholded at 0.5."""
+    total = masks.float().sum(0)
+    return total / total.max().clamp(min=1) >= 0.5

@@ -1,0 +1,101 @@
+"""Few-shot segmentation: the episodic metric, the prototype baseline, the episode sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difffeat.data.episodes import FewShotEpisodes
+from difffeat.data.scenes import SceneDataset
+from heads.fewshot import FewShotIoU, PrototypeSegmenter, masked_average, shot_vote
+
+
+def _mask(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "#" for c in r] for r in rows])
+
+
+def test_metric_sums_per_class_over_episodes_before_dividing() -> None:
+    metric = FewShotIoU(num_classes=3)
+    # class 0, episode 1: pred 2 px, target 2 px, overlap 1 -> I=1, U=3 (bg: I=1, U=3 on 4 px)
+    metric.update(_mask(["##", ".."])[None], _mask(["#.", "#."])[None], torch.tensor([0]))
+    # class 0, episode 2: perfect 1 px -> I=1, U=1 (bg: I=3, U=3)
+    metric.update(_mask(["#.", ".."])[None], _mask(["#.", ".."])[None], torch.tensor([0]))
+    # class 2: pred empty, target 1 px -> I=0, U=1 (bg: I=3, U=4)
+    metric.update(_mask(["..", ".."])[None], _mask(["..", ".#"])[None], torch.tensor([2]))
+    out = metric.compute()
+    # class 0: (1+1)/(3+1) = 0.5 (a mean of per-episode IoUs would give (1/3 + 1)/2 = 0.667); class 2: 0
+    assert torch.isclose(out["miou"], torch.tensor(0.25, dtype=torch.float64))
+    fg = (1 + 1 + 0) / (3 + 1 + 1)
+    bg = (1 + 3 + 3) / (3 + 3 + 4)
+    assert torch.isclose(out["fbiou"], torch.tensor((fg + bg) / 2, dtype=torch.float64))
+
+
+def test_metric_ignores_marked_pixels() -> None:
+    metric = FewShotIoU(num_classes=1)
+    pred, target = _mask(["##"])[None], _mask(["#."])[None]
+    metric.update(pred, target, torch.tensor([0]), ignore=_mask([".#"])[None])
+    assert metric.compute()["miou"] == 1
+
+
+def test_masked_average_and_shot_vote() -> None:
+    feats = torch.arange(16.0).view(1, 1, 4, 4)
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, :2, :2] = True  # the top-left feature cell
+    assert masked_average(feats, mask).item() == 0.0
+    votes = torch.stack([_mask(["#."]), _mask(["##"]), _mask(["#."])])
+    assert torch.equal(shot_vote(votes), _mask(["#."]))  # 3/3 and 1/3
+
+
+def test_prototypes_segment_by_feature_similarity() -> None:
+    # features = the image itself: red objects on a blue background
+    def image(box):
+        x = torch.zeros(3, 16, 16)
+        x[2] = 1
+        y0, y1, x0, x1 = box
+        x[:, y0:y1, x0:x1] = torch.tensor([1.0, 0, 0])[:, None, None]
+        m = torch.zeros(16, 16, dtype=torch.bool)
+        m[y0:y1, x0:x1] = True
+        return x, m
+
+    (s, sm), (q, qm) = image((2, 8, 2, 8)), image((9, 15, 5, 12))
+    model = PrototypeSegmenter(lambda x: x)
+    logits = model(s[None], sm[None], q[None])
+    assert logits.shape == (1, 2, 16, 16)
+    assert torch.equal(logits.argmax(1)[0].bool(), qm)
+
+
+@pytest.mark.parametrize("support_mask,match", [
+    (torch.ones(1, 8, 8, dtype=torch.bool), r"do not match the support images"),
+    (torch.zeros(1, 16, 16, dtype=torch.bool), r"\[0\] are empty"),
+])
+def test_bad_supports_fail_before_any_work(support_mask, match) -> None:
+    calls = []
+    model = PrototypeSegmenter(lambda x: calls.append(1) or x)
+    with pytest.raises(ValueError, match=match):
+        model(torch.zeros(1, 3, 16, 16), support_mask, torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="k >= 1"):
+        model(torch.zeros(0, 3, 16, 16), torch.zeros(0, 16, 16, dtype=torch.bool), torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="query"):
+        model(torch.zeros(1, 3, 16, 16), torch.ones(1, 16, 16, dtype=torch.bool), torch.zeros(1, 1, 16, 16))
+    assert calls == []
+
+
+def test_episodes_are_seeded_and_exclude_the_query() -> None:
+    scenes = SceneDataset(length=40, size=64, classes=[0, 1, 2])
+    episodes = FewShotEpisodes(scenes, [0, 1, 2], shots=2, episodes=10, seed=5)
+    for e in range(10):
+        c, query, supports = episodes.sample(e)
+        assert query not in supports and len(set(supports)) == 2
+        item = episodes[e]
+        assert item["class_id"] == c
+        assert item["query_mask"].any() and all(m.any() for m in item["support_mask"])
+        assert item["support"].shape == (2, 3, 64, 64)
+    assert episodes.sample(3) == FewShotEpisodes(scenes, [0, 1, 2], shots=2, episodes=10, seed=5).sample(3)
+
+
+def test_episode_sampler_bad_input() -> None:
+    scenes = SceneDataset(length=6, size=64, classes=[0, 1])
+    with pytest.raises(ValueError, match="at least one support"):
+        FewShotEpisodes(scenes, [0, 1], shots=0)
+    with pytest.raises(ValueError, match="fewer than shots \\+ 1 = 6 images"):
+        FewShotEpisodes(scenes, [0, 1], shots=5)
