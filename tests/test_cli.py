@@ -22,6 +22,9 @@ def _overrides(path: Path, tmp_path: Path) -> list[str]:
         args += ["--model.backbone", "unet2d-digits"]  # same architecture, random init
     if "export_dir" in text:
         args += ["--model.export_dir", str(tmp_path / "exported")]
+    if "FewShotDataModule" in text:  # a handful of scenes and episodes
+        args += ["--data.train_scenes", "120", "--data.test_scenes", "120", "--data.train_episodes", "4",
+                 "--data.test_episodes", "4", "--data.batch_size", "2"]
     if "export_path" in text:
         args += ["--model.export_path", str(tmp_path / "teacher.safetensors")]
     return args

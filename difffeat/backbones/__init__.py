@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from difffeat.backbones.base import Backbone, FeatureInfo, check_images
 from difffeat.backbones.dit import DiTBackbone
 from difffeat.backbones.registry import (
@@ -115,3 +117,17 @@ DIGITS_DIT: dict[str, Any] = {
 def dit_digits(**kwargs: Any) -> Backbone:
     """The digits DiT (random init; ``difffeat fit`` trains it)."""
     return DiTBackbone.from_config(DIGITS_DIT, name="dit-digits", **kwargs)
+
+
+@register_backbone
+def sd_unet_scenes(**kwargs: Any) -> Backbone:
+    """A U-Net of Stable Diffusion's kind (``UNet2DConditionModel``, cross-attention blocks) in *pixel*
+    space for the 64×64 RGB scene benchmark (3 channels in and out, no VAE), the CPU-sized stand-in for
+    SD in the few-shot head. Attention runs only at 16×16 and 8×8: at 64×64 a KV-fused attention of a
+    batch of episodes would need gigabytes on a CPU."""
+    config = {"sample_size": 64, "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64, 64, 96],
+              "layers_per_block": 1, "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 16,
+              "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}
+    kwargs.setdefault("encoder_hidden_states", torch.zeros(1, 1, 32))
+    return UNet2DConditionBackbone.from_config(config, name="sd-unet-scenes", **kwargs)

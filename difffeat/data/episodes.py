@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["FewShotEpisodes", "class_index"]
+__all__ = ["FewShotDataModule", "FewShotEpisodes", "class_index"]
 
 
 def class_index(dataset: Dataset, classes: Sequence[int]) -> dict[int, list[int]]:
@@ -87,3 +88,56 @@ class FewShotEpisodes(Dataset):
                 "support": torch.stack([x["image"] for x in s]),
                 "support_mask": torch.stack([x["semantic"] == c + 1 for x in s]),
                 "class_id": c, "episode": episode}
+
+
+class FewShotDataModule(L.LightningDataModule):
+    """Episodes on the generated scene benchmark for one fold.
+
+    Training episodes come from scenes drawn with the fold's *base* classes only (the 15 classes of the
+    other folds), so novel classes never appear in training, not even as background; validation and
+    test episodes come from other scenes (another seed) with all 20 classes, and ask only about the
+    fold's 5 *novel* classes.
+
+    Args:
+        fold: 0 … 3.
+        shots: supports per episode.
+        size: scene side.
+        train_scenes: scenes behind the training episodes.
+        test_scenes: scenes behind the validation / test episodes.
+        train_episodes: training episodes per epoch.
+        test_episodes: evaluation episodes (at least 300 on CPU, 1000 on GPU for the benchmark).
+        seed: seed of scenes and episodes.
+        batch_size: episodes per batch.
+        num_workers: loader workers.
+    """
+
+    def __init__(self, fold: int = 0, shots: int = 1, size: int = 64, train_scenes: int = 2000,
+                 test_scenes: int = 600, train_episodes: int = 2000, test_episodes: int = 300, seed: int = 0,
+                 batch_size: int = 4, num_workers: int = 0) -> None:
+        super().__init__()
+        from difffeat.data.scenes import CLASSES, fold_classes
+
+        self.novel = fold_classes(fold)
+        self.base = [c for c in range(len(CLASSES)) if c not in self.novel]
+        self.shots, self.size, self.seed = shots, size, seed
+        self.train_scenes, self.test_scenes = train_scenes, test_scenes
+        self.train_episodes, self.test_episodes = train_episodes, test_episodes
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _episodes(self, train: bool) -> FewShotEpisodes:
+        from difffeat.data.scenes import SceneDataset
+
+        if train:
+            scenes = SceneDataset(self.train_scenes, self.size, self.seed, classes=self.base)
+            return FewShotEpisodes(scenes, self.base, self.shots, self.train_episodes, self.seed)
+        scenes = SceneDataset(self.test_scenes, self.size, self.seed + 1000)
+        return FewShotEpisodes(scenes, self.novel, self.shots, self.test_episodes, self.seed + 1000)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._episodes(True), self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._episodes(False), self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -147,3 +147,32 @@ def test_kv_fusion_lets_the_query_see_the_support() -> None:
             backbone(query, t)
         with fusion.read(), pytest.raises(ValueError, match="query batch 2"):
             backbone(query.repeat(2, 1, 1, 1), t.repeat(2))
+
+
+def test_diffews_predicts_one_mask_per_episode_and_checks_its_input() -> None:
+    from heads.fewshot import DiffewS, mask_loss
+
+    model = DiffewS("sd-unet-scenes")
+    support = torch.rand(2, 3, 3, 64, 64) * 2 - 1  # 2 episodes, 3 shots
+    masks = torch.zeros(2, 3, 64, 64, dtype=torch.bool)
+    masks[..., 10:30, 10:30] = True
+    logits = model(support, masks, torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 64, 64) and not model.fusion.bank
+    loss = mask_loss(logits, masks[:, 0])
+    loss.backward()
+    assert model.backbone.model.conv_in.support.weight.grad is not None  # the support path trains
+    with pytest.raises(ValueError, match="must be"):
+        model(support, masks[:, :, :32], torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="query"):
+        model(support, masks, torch.rand(2, 1, 64, 64))
+
+
+def test_fewshot_datamodule_keeps_novel_classes_out_of_training() -> None:
+    from difffeat.data.episodes import FewShotDataModule
+
+    dm = FewShotDataModule(fold=1, train_scenes=60, test_scenes=150, train_episodes=6, test_episodes=6)
+    assert set(dm.novel) == {5, 6, 7, 8, 9} and not set(dm.novel) & set(dm.base)
+    train = dm._episodes(True)
+    assert all(set(train.dataset[i]["labels"].tolist()) <= set(dm.base) for i in range(60))
+    assert {train[e]["class_id"] for e in range(6)} <= set(dm.base)
+    assert {dm._episodes(False)[e]["class_id"] for e in range(6)} <= set(dm.novel)
