@@ -33,7 +33,7 @@ from difffeat.extract import FeatureExtractor, feature_name
 from difffeat.metrics import fd_digits, load_fd_network
 from difffeat.readout import TokenMean
 from difffeat.sample import sample
-from heads.classification import format_cell, probe_sweep, select_by_validation
+from heads.classification import format_cell, probe_sweep, select_by_validation, standardise
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {"vanilla": "sit_digits", "self-conditioning": "sit_digits_selfcond", "REPA": "sit_digits_repa",
@@ -66,15 +66,13 @@ def evaluate(folder: Path, seeds: list[int], fd_net: torch.nn.Module) -> dict[st
     data = DigitsDataset("all")
     extractor = FeatureExtractor(backbone, TAPS, TIMESTEPS, readout=TokenMean())
     parts = [extractor(data.images[i:i + 256], range(i, min(i + 256, len(data)))) for i in range(0, len(data), 256)]
-    train_mask = torch.arange(len(data)) < data.num_train
-    feats = {}
-    for key in parts[0]:
-        f = torch.cat([p[key] for p in parts]).double()
-        feats[feature_name(key)] = (f - f[train_mask].mean(0)) / (f[train_mask].std(0) + 1e-6)
+    split = (torch.arange(len(data)) >= data.num_train).long()
+    feats, labels, train_mask = standardise({**{feature_name(k): torch.cat([p[k] for p in parts]) for k in parts[0]},
+                                             "split": split, "label": data.labels})
     out: dict[str, float | list[float]] = {"fd": fd}
-    acc = probe_sweep(feats, data.labels, train_mask, (10, 0), seeds)
+    acc = probe_sweep(feats, labels, train_mask, (10, 0), seeds)
     for regime in (10, 0):
-        chosen, _ = select_by_validation(feats, data.labels, train_mask, regime, seeds)
+        chosen, _ = select_by_validation(feats, labels, train_mask, regime, seeds)
         out[f"acc{regime}"] = acc[chosen][regime]
     return out
 
