@@ -158,11 +158,7 @@ class DiffusionModule(L.LightningModule):
         terms = {"diffusion": F.mse_loss(pred, target)}
         if align:
             terms.update(self.alignment.loss(found, images))
-        loss = terms["diffusion"]
-        for name, term in terms.items():
-            if name != "diffusion":
-                loss = loss + term
-        return loss, terms
+        return sum(terms.values()), terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, terms = self.compute_loss(batch["image"], self.global_step)
@@ -174,9 +170,15 @@ class DiffusionModule(L.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(batch_idx)
         self.log("val/loss", diffusion_loss(self, batch["image"], gen), prog_bar=True)
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update: here rather than in ``on_train_batch_end`` because
+        callbacks' ``on_train_batch_end`` (e.g. :class:`PeriodicExport`) run before the module's."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema(self.global_step + 1)  # the step counter moves only after this hook returns
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        n = self.global_step
+    def update_ema(self, n: int) -> None:
+        """One EMA step towards the current weights, ``n`` optimiser steps having been taken."""
         decay = min(self.ema_decay, (1 + n) / (10 + n))
         for p_ema, p in zip(self.ema.parameters(), self.backbone.parameters(), strict=True):
             p_ema.lerp_(p.detach(), 1 - decay)
@@ -199,11 +201,14 @@ class DiffusionModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def export(self, folder: str | Path) -> Path:
+        """Saves the EMA model (with its self-conditioning, if any) as a diffusers pipeline folder."""
+        return save_pipeline(self.ema.model, self.scheduler_config, folder, selfcond=self.ema.selfcond,
+                             extra={"hparams": dict(self.hparams), "global_step": self.global_step})
+
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
-            save_pipeline(self.ema.model, self.scheduler_config, self.export_dir,
-                          extra={"hparams": dict(self.hparams), "global_step": self.global_step},
-                          selfcond=self.ema.selfcond)
+            self.export(self.export_dir)
 
 
 class PeriodicExport(L.Callback):
@@ -221,5 +226,4 @@ class PeriodicExport(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and module.export_dir and trainer.is_global_zero:
-            save_pipeline(module.ema.model, module.scheduler_config, f"{module.export_dir}-step{step}",
-                          extra={"hparams": dict(module.hparams), "global_step": step}, selfcond=module.ema.selfcond)
+            module.export(f"{module.export_dir}-step{step}")

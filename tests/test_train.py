@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -72,3 +74,19 @@ def test_flow_batch_is_the_linear_interpolant() -> None:
     assert bool(((t >= 0) & (t < 1000)).all()) and t.dtype.is_floating_point
     torch.testing.assert_close(x_t, ((1 - s).view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise).float())
     torch.testing.assert_close(target, noise - x0)
+
+
+def test_periodic_export_saves_loadable_ema_checkpoints(tmp_path) -> None:
+    from difffeat.train import PeriodicExport
+
+    L.seed_everything(0)
+    module = DiffusionModule("unet2d-tiny", warmup_steps=1, export_dir=str(tmp_path / "m"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[PeriodicExport(2)])
+    trainer.fit(module, DigitsDataModule(batch_size=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-step2", "m-step4"]
+    assert json.loads((tmp_path / "m-step2" / "difffeat.json").read_text())["global_step"] == 2
+    assert create_backbone(tmp_path / "m-step4").weights_digest() == create_backbone(tmp_path / "m").weights_digest()
+    with pytest.raises(ValueError, match="every_n_steps"):
+        PeriodicExport(0)
