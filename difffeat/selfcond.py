@@ -65,16 +65,15 @@ class SelfConditioning(nn.Module):
             self.mode = "output"
         elif hasattr(model, "up_blocks"):
             self.source = self.source or "mid_block"
+            if self.source != "mid_block":  # every up block is a target: only the mid block runs before all
+                raise ValueError(f"a U-Net's self-conditioning source is its mid_block, got {self.source!r}")
             self.targets = [f"up_blocks.{i}.resnets.{j}.time_emb_proj" for i, b in enumerate(model.up_blocks)
                             for j in range(len(b.resnets))]
-            in_dim = model.get_submodule(self.source).resnets[-1].out_channels \
-                if hasattr(model.get_submodule(self.source), "resnets") else None
+            in_dim = model.mid_block.resnets[-1].out_channels
             out_dim = model.up_blocks[0].resnets[0].time_emb_proj.in_features
             self.mode = "input"
         else:
             raise TypeError(f"self-conditioning supports U-Nets and DiTs; got {type(model).__name__}")
-        if in_dim is None:
-            raise ValueError(f"cannot tell the width of source {self.source!r}; give a block with resnets")
         if not self.targets:
             raise ValueError(f"no layer runs after source {self.source!r}: nothing to condition")
         self.mlp = nn.Sequential(nn.Linear(in_dim, self.hidden), nn.SiLU(), nn.Linear(self.hidden, out_dim))

@@ -40,6 +40,8 @@ def test_targets_are_the_later_layers_only() -> None:
     dit = create_backbone("dit-digits").set_self_conditioning(SelfConditioning(hidden=8))
     assert dit.selfcond.source == "transformer_blocks.2"
     assert dit.selfcond.targets == [f"transformer_blocks.{i}.norm1.emb" for i in (3, 4, 5)]
+    with pytest.raises(ValueError, match="source is its mid_block"):
+        create_backbone("unet2d-tiny").set_self_conditioning(SelfConditioning(source="up_blocks.0"))
     with pytest.raises(ValueError, match="nothing to condition"):
         create_backbone("dit-digits").set_self_conditioning(SelfConditioning(source="transformer_blocks.5"))
 
