@@ -42,7 +42,10 @@ SCHEDULERS = {
     "flow": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0},
 }
 #: pipeline folder layout per denoiser class: (component name, pipeline class written to model_index.json)
-LAYOUT = {"UNet2DModel": ("unet", "DDPMPipeline"), "DiTTransformer2DModel": ("transformer", "DiTPipeline")}
+#: (a pixel-space ``UNet2DConditionModel`` has no diffusers pipeline of its own: its folder is written with the
+#: generic ``DiffusionPipeline`` name and loads through :func:`~difffeat.backbones.create_backbone`)
+LAYOUT = {"UNet2DModel": ("unet", "DDPMPipeline"), "DiTTransformer2DModel": ("transformer", "DiTPipeline"),
+          "UNet2DConditionModel": ("unet", "DiffusionPipeline")}
 
 
 def noised_batch(module: DiffusionModule, x0: torch.Tensor, generator: torch.Generator | None = None
@@ -72,13 +75,15 @@ def diffusion_loss(module: DiffusionModule, x0: torch.Tensor, generator: torch.G
 
 
 def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], folder: str | Path,
-                  extra: dict[str, Any] | None = None, selfcond: SelfConditioning | None = None) -> Path:
+                  extra: dict[str, Any] | None = None, selfcond: SelfConditioning | None = None,
+                  null_embedding: torch.Tensor | None = None) -> Path:
     """Saves ``model`` and its scheduler as a diffusers pipeline folder, atomically.
 
     The folder is written beside its destination and renamed into place, so a crash never leaves a
     half-saved model where a loader would find it. ``extra`` is written to ``difffeat.json``; a
     self-conditioning MLP goes to ``selfcond/`` (config and safetensors weights), which
-    ``create_backbone`` re-attaches.
+    ``create_backbone`` re-attaches. A text-conditioned U-Net's fixed condition (``null_embedding``,
+    ``(1, L, D)``) goes to ``null_embedding.safetensors`` (key ``prompt_embeds``), where its adapter looks.
     """
     import diffusers
 
@@ -98,13 +103,17 @@ def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], fold
         (tmp / "selfcond" / "config.json").write_text(json.dumps(selfcond.config(), indent=2))
         save_file({k: v.detach().float().cpu().contiguous() for k, v in selfcond.state_dict().items()},
                   str(tmp / "selfcond" / "model.safetensors"))
+    if null_embedding is not None:
+        save_file({"prompt_embeds": null_embedding.detach().float().cpu().contiguous()},
+                  str(tmp / "null_embedding.safetensors"))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains a diffusers ``UNet2DModel`` or ``DiTTransformer2DModel``, keeping EMA weights.
+    """Trains a diffusers ``UNet2DModel``, ``DiTTransformer2DModel`` or pixel-space ``UNet2DConditionModel``
+    (on its fixed condition), keeping EMA weights.
 
     Args:
         backbone: a registered name or a local folder to start from.
@@ -204,7 +213,8 @@ class DiffusionModule(L.LightningModule):
     def export(self, folder: str | Path) -> Path:
         """Saves the EMA model (with its self-conditioning, if any) as a diffusers pipeline folder."""
         return save_pipeline(self.ema.model, self.scheduler_config, folder, selfcond=self.ema.selfcond,
-                             extra={"hparams": dict(self.hparams), "global_step": self.global_step})
+                             extra={"hparams": dict(self.hparams), "global_step": self.global_step},
+                             null_embedding=getattr(self.ema, "encoder_hidden_states", None))
 
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

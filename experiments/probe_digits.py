@@ -58,15 +58,16 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def ensure_backbone() -> Path:
-    """Trains the digits U-Net unless a model trained with the same config is already saved."""
-    text = TRAIN_CONFIG.read_text()
+def ensure_backbone(config: Path = TRAIN_CONFIG) -> Path:
+    """Trains the backbone of a ``difffeat fit`` config (default: the digits U-Net) unless a model trained
+    with the same config is already saved in its ``export_dir``."""
+    text = config.read_text()
     folder = ROOT / yaml.safe_load(text)["model"]["init_args"]["export_dir"]
     stamp = folder / "difffeat-config.sha256"
     if stamp.exists() and stamp.read_text() == _digest(text):
         print(f"reusing the backbone trained with this config: {folder}")
         return folder
-    difffeat(["fit", "--config", str(TRAIN_CONFIG), "--model.export_dir", str(folder)])
+    difffeat(["fit", "--config", str(config), "--model.export_dir", str(folder)])
     stamp.write_text(_digest(text))
     return folder
 
@@ -122,13 +123,13 @@ def heatmap(acc: dict[str, dict[int, list[float]]], path: Path, title: str) -> N
     plt.close(fig)
 
 
-def write_readme_table(table: str) -> None:
-    """Replaces the README's results table with ``table``."""
+def write_readme_table(table: str, marker: str = "probe_digits") -> None:
+    """Replaces the README's results table between the ``<!-- {marker}:start/end -->`` comments."""
     readme = ROOT / "README.md"
     if not readme.exists():
         return
     text = readme.read_text()
-    start, end = "<!-- probe_digits:start -->", "<!-- probe_digits:end -->"
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if start in text and end in text:
         new = re.sub(f"{start}.*?{end}", lambda _m: f"{start}\n{table}\n{end}", text, flags=re.S)
         readme.write_text(new)

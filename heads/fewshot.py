@@ -10,6 +10,7 @@ Metric (exact protocol): over all episodes, foreground intersection and union ar
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,11 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
+from difffeat.backbones.base import check_images
 from difffeat.extract import FeatureExtractor
 from difffeat.readout import PerPixel, concat_features
 
-__all__ = ["DiffewS", "FewShotIoU", "FewShotSegmentationModule", "KVFusion", "PrototypeSegmenter",
-           "dense_features", "mask_loss", "masked_average", "shot_vote", "support_conv_in"]
+__all__ = ["DiffewS", "FeatureCache", "FewShotIoU", "FewShotSegmentationModule", "KVFusion", "PrototypeSegmenter",
+           "dense_features", "episode_masks", "mask_loss", "masked_average", "shot_vote", "support_conv_in"]
+
+#: a batched few-shot predictor: support ``(E, k, C, H, W)``, support masks ``(E, k, H, W)``, queries
+#: ``(E, C, H, W)`` → binary query masks ``(E, H, W)``
+Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class FewShotIoU(Metric):
@@ -75,8 +81,9 @@ def masked_average(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (features * weights).sum((2, 3)) / weights.sum((2, 3)).clamp(min=1e-6)
 
 
-def dense_features(extractor: FeatureExtractor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Images → ``(N, C, h, w)``: every tap of a per-pixel extractor upsampled to one size and concatenated.
+def dense_features(extractor: FeatureExtractor) -> Callable[..., torch.Tensor]:
+    """``(images, indices=None)`` → ``(N, C, h, w)``: every tap of a per-pixel extractor upsampled to one
+    size and concatenated (``indices`` seed each image's noise, see :meth:`FeatureExtractor.forward`).
 
     A grey-scale backbone (one input channel, like the digits U-Net) is given the images' luminance.
     """
@@ -84,12 +91,43 @@ def dense_features(extractor: FeatureExtractor) -> Callable[[torch.Tensor], torc
         raise TypeError("dense features need a PerPixel readout with output_fmt='NCHW'")
     grey = extractor.backbone.image_channels == 1
 
-    def run(images: torch.Tensor) -> torch.Tensor:
+    def run(images: torch.Tensor, indices: list[int] | None = None) -> torch.Tensor:
         if grey and images.shape[1] == 3:
             images = images.mean(1, keepdim=True)
-        return concat_features(extractor(images))
+        return concat_features(extractor(images, indices))
 
     return run
+
+
+class FeatureCache:
+    """Remembers the features of every image seen, keyed by the image's bytes.
+
+    Episodes reuse images (a scene is the query of one episode and the support of others), so an
+    evaluation over many episodes computes each image's features once. The noise of an image's
+    extraction is seeded by its content digest, so its features do not depend on which episode or batch
+    first asked for them.
+
+    Args:
+        features: ``(images, indices)`` → ``(N, C, h, w)`` (e.g. :func:`dense_features`).
+    """
+
+    def __init__(self, features: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:
+        self.features = features
+        self.store: dict[bytes, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        keys = [hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+                for x in images]
+        missing = {k: i for i, k in enumerate(keys) if k not in self.store}  # dict: an image twice is computed once
+        if missing:
+            rows = list(missing.values())
+            seeds = [int.from_bytes(k[:7], "little") for k in missing]
+            for k, f in zip(missing, self.features(images[rows], seeds), strict=True):
+                self.store[k] = f
+        return torch.stack([self.store[k] for k in keys])
 
 
 def _check_episode(support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> None:
@@ -131,12 +169,28 @@ class PrototypeSegmenter(nn.Module):
         sim = F.cosine_similarity(fq[:, None], protos[None, :, :, None, None], dim=2) * self.scale
         return F.interpolate(sim, size=query.shape[-2:], mode="bilinear", align_corners=False)
 
+    def predict(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Binary masks ``(E, H, W)`` of a batch of episodes (see :data:`Predictor`)."""
+        return torch.stack([self(support[e], support_mask[e], query[e:e + 1])[0].argmax(0).bool()
+                            for e in range(len(query))])
+
 
 def shot_vote(masks: torch.Tensor) -> torch.Tensor:
     """Per-shot vote for k-shot: sum of per-shot binary masks ``(k, H, W)``, divided by its maximum,
     thresholded at 0.5."""
     total = masks.float().sum(0)
     return total / total.max().clamp(min=1) >= 0.5
+
+
+def episode_masks(predict: Predictor, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor,
+                  vote: bool = False) -> torch.Tensor:
+    """Binary query masks ``(E, H, W)`` of a batch of k-shot episodes: one native k-shot pass, or (with
+    ``vote`` and ``k > 1``) k one-shot passes merged by :func:`shot_vote`."""
+    if not vote or support.shape[1] == 1:
+        return predict(support, support_mask, query)
+    per_shot = torch.stack([predict(support[:, i:i + 1], support_mask[:, i:i + 1], query)
+                            for i in range(support.shape[1])], 1)
+    return torch.stack([shot_vote(m) for m in per_shot])
 
 
 # ----------------------------------------------------------------------------- DiffewS building blocks
@@ -280,6 +334,8 @@ class DiffewS(nn.Module):
                              f"(E, k, C, H, W) and (E, k, H, W)")
         for e in range(len(support)):
             _check_episode(support[e], support_mask[e], query[e:e + 1])
+        check_images(query, self.backbone.image_channels, "query images")
+        check_images(support.flatten(0, 1), self.backbone.image_channels, "support images")
         e, k, c = support.shape[:3]
         mask = (support_mask.float() * 2 - 1)[:, :, None].expand(-1, -1, c, -1, -1)
         s_in = torch.cat([support, mask], 2).flatten(0, 1)
@@ -288,6 +344,10 @@ class DiffewS(nn.Module):
             self.backbone(s_in, t)
         with self.fusion.read():
             return self.backbone(query, t[:e])[:, 0]
+
+    def predict(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Binary masks ``(E, H, W)`` (logit > 0) of a batch of episodes (see :data:`Predictor`)."""
+        return self(support, support_mask, query) > 0
 
 
 def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -336,18 +396,7 @@ class FewShotSegmentationModule(L.LightningModule):
 
     def predict_masks(self, batch: dict[str, Any]) -> torch.Tensor:
         """Binary query masks ``(E, H, W)`` of a batch of episodes."""
-        support, masks, query = batch["support"], batch["support_mask"], batch["query"]
-        if self.vote and support.shape[1] > 1:
-            per_shot = torch.stack([self._predict(support[:, i:i + 1], masks[:, i:i + 1], query)
-                                    for i in range(support.shape[1])], 1)
-            return torch.stack([shot_vote(m) for m in per_shot])
-        return self._predict(support, masks, query)
-
-    def _predict(self, support: torch.Tensor, masks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        if self.method == "diffews":
-            return self.model(support, masks, query) > 0
-        return torch.stack([self.model(support[e], masks[e], query[e:e + 1])[0].argmax(0).bool()
-                            for e in range(len(query))])
+        return episode_masks(self.model.predict, batch["support"], batch["support_mask"], batch["query"], self.vote)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.method != "diffews":

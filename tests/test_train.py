@@ -90,3 +90,23 @@ def test_periodic_export_saves_loadable_ema_checkpoints(tmp_path) -> None:
     assert create_backbone(tmp_path / "m-step4").weights_digest() == create_backbone(tmp_path / "m").weights_digest()
     with pytest.raises(ValueError, match="every_n_steps"):
         PeriodicExport(0)
+
+
+def test_a_pixel_space_condition_unet_trains_on_scenes_and_reloads_with_its_condition(tmp_path) -> None:
+    from difffeat.data.scenes import SceneDataModule
+
+    L.seed_everything(0)
+    module = DiffusionModule("sd-unet-scenes", lr=1e-3, warmup_steps=1, export_dir=str(tmp_path / "model"))
+    module.backbone.encoder_hidden_states.normal_()  # a non-trivial fixed condition must survive the export
+    module.ema.encoder_hidden_states.copy_(module.backbone.encoder_hidden_states)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    data = SceneDataModule(length=8, batch_size=4)
+    trainer.fit(module, data)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 64, 64) and set(batch) == {"image", "index"}
+    loaded = create_backbone(tmp_path / "model")
+    assert torch.equal(loaded.encoder_hidden_states, module.ema.encoder_hidden_states)
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([3, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), module.ema(x, t))

@@ -15,14 +15,15 @@ import hashlib
 from collections.abc import Sequence
 from functools import cache
 
+import lightning as L
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter, zoom
 from skimage.draw import disk, ellipse, polygon
 from skimage.segmentation import find_boundaries
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CLASSES", "FOLDS", "SHAPES", "SceneDataset", "fold_classes", "render_scene"]
+__all__ = ["CLASSES", "FOLDS", "SHAPES", "SceneDataModule", "SceneDataset", "fold_classes", "render_scene"]
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon", "ellipse", "crescent")
 CLASSES = tuple(name for pair in zip((f"digit{d}" for d in range(10)), SHAPES, strict=True) for name in pair)
@@ -212,3 +213,44 @@ class SceneDataset(Dataset):
     def fingerprint(self) -> str:
         """Scenes are a pure function of these arguments and the generator's version."""
         return f"scenes-v1:{self.length}:{self.size}:{self.seed}:{self.classes}:{self.max_objects}"
+
+
+class SceneDataModule(L.LightningDataModule):
+    """Scenes without labels for training a backbone on the scene benchmark (batches hold ``image``).
+
+    Training scenes use ``seed``; the few-shot test scenes use another seed
+    (:class:`~difffeat.data.episodes.FewShotDataModule`: ``seed + 1000``), so a backbone trained here
+    never sees a test image. Objects of every class appear, unlabelled, as web images do for a
+    pretrained diffusion model; no mask or class id is served.
+
+    Args:
+        length: number of scenes.
+        size: scene side.
+        seed: benchmark seed.
+        batch_size: batch size.
+        num_workers: loader workers.
+    """
+
+    def __init__(self, length: int = 4000, size: int = 64, seed: int = 0, batch_size: int = 16,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        self.length, self.size, self.seed = length, size, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        scenes = SceneDataset(self.length, self.size, self.seed)
+        return DataLoader(_Images(scenes), self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          drop_last=True)
+
+
+class _Images(Dataset):
+    """Only the image of each scene (and its index), so batches collate without ragged annotations."""
+
+    def __init__(self, scenes: SceneDataset) -> None:
+        self.scenes = scenes
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        return {"image": self.scenes[i]["image"], "index": i}

@@ -165,6 +165,8 @@ def test_diffews_predicts_one_mask_per_episode_and_checks_its_input() -> None:
         model(support, masks[:, :, :32], torch.rand(2, 3, 64, 64))
     with pytest.raises(ValueError, match="query"):
         model(support, masks, torch.rand(2, 1, 64, 64))
+    with pytest.raises(ValueError, match="1 channels .* expects 3"):
+        model(support[:, :, :1], masks, torch.rand(2, 1, 64, 64))
 
 
 def test_fewshot_datamodule_keeps_novel_classes_out_of_training() -> None:
@@ -176,3 +178,42 @@ def test_fewshot_datamodule_keeps_novel_classes_out_of_training() -> None:
     assert all(set(train.dataset[i]["labels"].tolist()) <= set(dm.base) for i in range(60))
     assert {train[e]["class_id"] for e in range(6)} <= set(dm.base)
     assert {dm._episodes(False)[e]["class_id"] for e in range(6)} <= set(dm.novel)
+
+
+def test_feature_cache_computes_each_image_once_whatever_the_batch() -> None:
+    from heads.fewshot import FeatureCache
+
+    calls: list[int] = []
+
+    def features(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        calls.append(len(images))
+        noise = torch.stack([torch.randn(1, 2, 2, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return images[:, :1, :2, :2] + noise
+
+    a, b, c = torch.randn(3, 3, 4, 4).unbind()
+    cache = FeatureCache(features)
+    first = cache(torch.stack([a, b, a]))
+    assert calls == [2] and torch.equal(first[0], first[2])
+    again = cache(torch.stack([c, b]))  # b reused, only c computed
+    assert calls == [2, 1] and torch.equal(again[1], first[1]) and len(cache) == 3
+    # the noise follows the image, not its batch position
+    torch.testing.assert_close(FeatureCache(features)(torch.stack([b, a]))[0], first[1])
+
+
+def test_episode_masks_native_and_per_shot_vote() -> None:
+    from heads.fewshot import episode_masks
+
+    seen: list[int] = []
+
+    def predict(support, support_mask, query):  # predicts the support masks' union
+        seen.append(support.shape[1])
+        return support_mask.any(1)
+
+    support = torch.zeros(1, 3, 1, 1, 3)
+    masks = torch.stack([_mask(["#.."]), _mask(["##."]), _mask(["#.#"])])[None]
+    query = torch.zeros(1, 1, 1, 3)
+    assert torch.equal(episode_masks(predict, support, masks, query), _mask(["###"])[None])
+    assert seen == [3]
+    # vote: per-pixel counts 3, 1, 1 of max 3 -> only the first pixel survives the 0.5 threshold
+    assert torch.equal(episode_masks(predict, support, masks, query, vote=True), _mask(["#.."])[None])
+    assert seen == [3, 1, 1, 1]
