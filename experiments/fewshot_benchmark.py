@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-episodes", type=int, default=100, help="base-class episodes choosing the tap")
     parser.add_argument("--val-scenes", type=int, default=400)
     parser.add_argument("--feature-size", type=int, default=32, help="side of the prototype features")
-    parser.add_argument("--train-steps", type=int, default=400, help="DiffewS steps per fold")
+    parser.add_argument("--train-steps", type=int, default=500, help="DiffewS steps per fold")
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8, help="DiffewS episodes per step")
     parser.add_argument("--lr", type=float, default=2e-4)
