@@ -405,20 +405,25 @@ class FewShotSegmentationModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: dict[str, Any], metric: FewShotIoU, prefix: str) -> None:
-        metric.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"])
-        scores = metric.compute()
-        self.log_dict({f"{prefix}/miou": scores["miou"].float(), f"{prefix}/fbiou": scores["fbiou"].float()},
-                      prog_bar=True, batch_size=len(batch["query"]))
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_iou, "val")
+        self.val_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"])
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_iou, "test")
+        self.test_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"])
 
     def on_validation_epoch_end(self) -> None:
-        self.val_iou.reset()
+        self._log_scores(self.val_iou, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores(self.test_iou, "test")
+
+    def _log_scores(self, metric: FewShotIoU, prefix: str) -> None:
+        """Logs the protocol's scores once per epoch: intersections and unions are summed over *all*
+        episodes first (a mean of per-batch scores would not be the protocol's mIoU)."""
+        scores = metric.compute()
+        self.log_dict({f"{prefix}/miou": scores["miou"].float(), f"{prefix}/fbiou": scores["fbiou"].float()},
+                      prog_bar=True)
+        metric.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)

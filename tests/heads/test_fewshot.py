@@ -217,3 +217,22 @@ def test_episode_masks_native_and_per_shot_vote() -> None:
     # vote: per-pixel counts 3, 1, 1 of max 3 -> only the first pixel survives the 0.5 threshold
     assert torch.equal(episode_masks(predict, support, masks, query, vote=True), _mask(["#.."])[None])
     assert seen == [3, 1, 1, 1]
+
+
+def test_module_logs_the_protocol_scores_over_all_episodes() -> None:
+    import lightning as L
+
+    from difffeat.data.episodes import FewShotDataModule
+    from heads.fewshot import FewShotSegmentationModule
+
+    module = FewShotSegmentationModule(method="prototype", backbone="unet2d-tiny", layers=["up_blocks.0"],
+                                       feature_size=16)
+    data = FewShotDataModule(fold=0, train_scenes=40, test_scenes=120, test_episodes=7, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.test(module, data, verbose=False)[0]
+    expected = FewShotIoU(20)
+    for batch in data.test_dataloader():  # 4 batches, the last of one episode
+        expected.update(module.predict_masks(batch), batch["query_mask"], batch["class_id"])
+    scores = expected.compute()
+    assert logged["test/miou"] == pytest.approx(float(scores["miou"]), abs=1e-6)
+    assert logged["test/fbiou"] == pytest.approx(float(scores["fbiou"]), abs=1e-6)
