@@ -38,6 +38,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -61,6 +62,9 @@ RESULTS = ROOT / "experiments" / "results"
 CACHE = ROOT / ".cache" / "difffeat" / "fewshot"
 #: evaluation settings: (name, shots, vote)
 SETTINGS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot vote", 5, True))
+CONTROL = "1-shot, another episode's support"
+#: bumped when a runner's output changes, so that cached (arm, fold) results are recomputed
+VERSIONS = {"prototype_arm": 1, "diffews_arm": 2}
 CANDIDATE_T = (10, 50, 200)
 SIZE = 64
 EXAMPLES = 4  # fold-0 1-shot episodes drawn in the figure
@@ -71,13 +75,21 @@ def block_outputs(backbone: Any) -> list[str]:
     return [n for n in backbone.feature_info if n == "mid_block" or (n.count(".") == 1 and "blocks." in n)]
 
 
-def evaluate(predict: Predictor, episodes: FewShotEpisodes, vote: bool, desc: str,
-             keep: int = 0) -> tuple[dict[str, float], list[np.ndarray]]:
-    """mIoU and FB-IoU (%) of ``predict`` over ``episodes``, and the first ``keep`` predicted masks."""
+def evaluate(predict: Predictor, episodes: FewShotEpisodes, vote: bool, desc: str, keep: int = 0,
+             foreign_support: bool = False) -> tuple[dict[str, float], list[np.ndarray]]:
+    """mIoU and FB-IoU (%) of ``predict`` over ``episodes``, and the first ``keep`` predicted masks.
+
+    With ``foreign_support`` (a control), each query gets the supports of the previous episode in its
+    batch (mostly of another class) while it is scored against its own class: a model that segments
+    what the support shows scores much lower; one that ignores the support scores the same.
+    """
     metric, kept = FewShotIoU(len(CLASSES)), []
     with torch.no_grad():
         for batch in tqdm(DataLoader(episodes, batch_size=8), desc=desc, leave=False):
-            masks = episode_masks(predict, batch["support"], batch["support_mask"], batch["query"], vote)
+            support, support_mask = batch["support"], batch["support_mask"]
+            if foreign_support:
+                support, support_mask = support.roll(1, 0), support_mask.roll(1, 0)
+            masks = episode_masks(predict, support, support_mask, batch["query"], vote)
             metric.update(masks, batch["query_mask"], batch["class_id"])
             kept += [m.numpy() for m in masks[: keep - len(kept)]]
     scores = metric.compute()
@@ -89,7 +101,7 @@ def test_episodes(fold: int, shots: int, n: int) -> FewShotEpisodes:
     return FewShotDataModule(fold=fold, shots=shots, size=SIZE, test_episodes=n)._episodes(train=False)
 
 
-def prototype_arm(backbone: str, fold: int, args: argparse.Namespace) -> dict[str, Any]:
+def prototype_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     """Chooses a tap on base-class episodes, then evaluates the prototype baseline on the novel ones."""
     model = create_backbone(backbone)
     base = [c for c in range(len(CLASSES)) if c not in fold_classes(fold)]
@@ -121,8 +133,9 @@ def prototype_arm(backbone: str, fold: int, args: argparse.Namespace) -> dict[st
     return out
 
 
-def diffews_arm(backbone: str, fold: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Fine-tunes DiffewS on 1-shot base-class episodes of a fold, then evaluates it on the novel ones."""
+def diffews_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """Fine-tunes DiffewS on 1-shot base-class episodes of a fold, then evaluates it on the novel ones;
+    its weights are kept in ``{CACHE}/{tag}.safetensors``."""
     L.seed_everything(0, verbose=False)
     module = FewShotSegmentationModule(method="diffews", backbone=backbone, lr=args.lr)
     data = FewShotDataModule(fold=fold, shots=1, size=SIZE, train_scenes=args.train_scenes,
@@ -131,7 +144,11 @@ def diffews_arm(backbone: str, fold: int, args: argparse.Namespace) -> dict[str,
                         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
     model = module.model.eval()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(CACHE / f"{tag}.safetensors"))
     out: dict[str, Any] = {"train_steps": args.train_steps}
+    out[CONTROL] = evaluate(model.predict, test_episodes(fold, 1, args.episodes), False, f"fold {fold} control",
+                            foreign_support=True)[0]
     for name, shots, vote in SETTINGS:
         keep = EXAMPLES if (fold, name) == (0, "1-shot") else 0
         out[name], examples = evaluate(model.predict, test_episodes(fold, shots, args.episodes), vote,
@@ -165,12 +182,14 @@ def run_cached(label: str, runner: Callable[..., dict[str, Any]], backbone: str,
                args: argparse.Namespace) -> dict[str, Any]:
     """One (arm, fold), reused from the cache when run before with the same settings and backbone."""
     settings = {k: v for k, v in vars(args).items() if k not in ("arms", "folds", "out")}
-    key = hashlib.sha256(json.dumps([label, _stamp(backbone), fold, settings], sort_keys=True).encode()).hexdigest()
+    version = VERSIONS[runner.__name__]
+    key = hashlib.sha256(json.dumps([label, _stamp(backbone), fold, settings] + ([version] if version > 1 else []),
+                                    sort_keys=True).encode()).hexdigest()
     path = CACHE / f"{key[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())
     start = time.perf_counter()
-    result = runner(backbone, fold, args)
+    result = runner(backbone, fold, args, key[:16])
     result["seconds"] = time.perf_counter() - start
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -189,6 +208,17 @@ def table(results: dict[str, dict[int, dict[str, Any]]], folds: list[int]) -> st
             fb = [per_fold[f][name]["fbiou"] for f in folds]
             cells = " | ".join(f"{m:.1f}" for m in miou)
             lines.append(f"| {label} | {name} | {cells} | **{np.mean(miou):.1f}** | {np.mean(fb):.1f} |")
+    return "\n".join(lines)
+
+
+def control_table(results: dict[str, dict[int, dict[str, Any]]], folds: list[int]) -> str:
+    """Markdown: 1-shot mIoU with the episode's own support vs another episode's, per trained arm."""
+    lines = ["| method | own support | another episode's support |", "|---|---|---|"]
+    for label, per_fold in results.items():
+        if CONTROL in per_fold[folds[0]]:
+            own = np.mean([per_fold[f]["1-shot"]["miou"] for f in folds])
+            other = np.mean([per_fold[f][CONTROL]["miou"] for f in folds])
+            lines.append(f"| {label} | {own:.1f} | {other:.1f} |")
     return "\n".join(lines)
 
 
@@ -273,6 +303,12 @@ of {args.batch_size} one-shot base-class episodes per fold, lr {args.lr}; protot
 {args.val_episodes} one-shot base-class episodes.
 
 {table(results, args.folds)}
+
+Does the trained model segment what the support shows? Control: 1-shot mean mIoU over the folds when
+each query is given the support of another episode (mostly another class) and still scored against
+its own class:
+
+{control_table(results, args.folds)}
 
 Prototype taps chosen per fold:
 {taps}
