@@ -21,7 +21,7 @@ choose anything. DiffewS trains for a fixed number of steps, with no early stopp
 supports) and by per-shot vote (:func:`heads.fewshot.shot_vote`).
 
 Rerun: ``python -m experiments.fewshot_benchmark`` (writes ``experiments/results/fewshot_benchmark.md``
-and ``fewshot_examples.png``; finished arms are cached under ``.cache/difffeat/fewshot`` and reused by a
+and ``fewshot_benchmark_examples.png``; finished arms are cached under ``.cache/difffeat/fewshot`` and reused by a
 rerun with the same settings).
 """
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     minutes = {label: sum(r["seconds"] for r in per_fold.values()) / 60 for label, per_fold in results.items()}
     cli = " ".join(argv) if argv else ""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    examples = args.out.with_name("fewshot_examples.png")
+    examples = args.out.with_name(f"{args.out.stem}_examples.png")
     figure(results, examples, EXAMPLES)
     text = f"""# Few-shot segmentation on the scene benchmark
 

@@ -10,16 +10,19 @@ import pytest
 from difffeat.cli import main
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-# configs that point at the backbone `make run` trains run here on the same architecture, random init
-TRAINED = ".cache/difffeat/backbones/unet2d-digits"
+# configs that point at a backbone another config trains (`make run`, ddpm_scenes.yaml) run here on the same
+# architecture, random init
+TRAINED = {".cache/difffeat/backbones/unet2d-digits": "unet2d-digits",
+           ".cache/difffeat/backbones/sd-unet-scenes-ddpm": "sd-unet-scenes"}
 
 
 def _overrides(path: Path, tmp_path: Path) -> list[str]:
     """Point outputs into tmp_path, and inputs that `make run` or the teacher config make at stand-ins."""
     text = path.read_text()
     args = []
-    if TRAINED in text and "export_dir" not in text:
-        args += ["--model.backbone", "unet2d-digits"]  # same architecture, random init
+    for folder, name in TRAINED.items():
+        if folder in text and "export_dir" not in text:
+            args += ["--model.backbone", name]  # same architecture, random init
     if "export_dir" in text:
         args += ["--model.export_dir", str(tmp_path / "exported")]
     if "FewShotDataModule" in text:  # a handful of scenes and episodes
