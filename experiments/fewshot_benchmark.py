@@ -38,7 +38,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -186,16 +186,36 @@ def run_cached(label: str, runner: Callable[..., dict[str, Any]], backbone: str,
     key = hashlib.sha256(json.dumps([label, _stamp(backbone), fold, settings] + ([version] if version > 1 else []),
                                     sort_keys=True).encode()).hexdigest()
     path = CACHE / f"{key[:16]}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    start = time.perf_counter()
-    result = runner(backbone, fold, args, key[:16])
-    result["seconds"] = time.perf_counter() - start
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
-    return result
+    if not path.exists():
+        start = time.perf_counter()
+        result = runner(backbone, fold, args, key[:16])
+        result["seconds"] = time.perf_counter() - start
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+    return {**json.loads(path.read_text()), "tag": key[:16]}
+
+
+def support_influence(backbone: str, weights: Path, fold: int, episodes: int = 64) -> dict[str, float]:
+    """How much a trained DiffewS's mask logits depend on its support, on 1-shot test episodes.
+
+    Returns the mean absolute change of the query's logits, as a percentage of their standard deviation,
+    when the support is swapped for another episode's (``other``) and when the K/V bank is left empty
+    (``none``: plain self-attention, no support at all).
+    """
+    model = FewShotSegmentationModule(method="diffews", backbone=backbone).model
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    batch = next(iter(DataLoader(test_episodes(fold, 1, episodes), batch_size=episodes)))
+    support, masks, query = batch["support"], batch["support_mask"], batch["query"]
+    with torch.no_grad():
+        own = model(support, masks, query)
+        other = model(support.roll(1, 0), masks.roll(1, 0), query)
+        none = model.backbone(query, torch.full((len(query),), model.timestep))[:, 0]
+    scale = own.std()
+    return {"other": float(100 * (own - other).abs().mean() / scale),
+            "none": float(100 * (own - none).abs().mean() / scale)}
 
 
 def table(results: dict[str, dict[int, dict[str, Any]]], folds: list[int]) -> str:
@@ -212,13 +232,17 @@ def table(results: dict[str, dict[int, dict[str, Any]]], folds: list[int]) -> st
 
 
 def control_table(results: dict[str, dict[int, dict[str, Any]]], folds: list[int]) -> str:
-    """Markdown: 1-shot mIoU with the episode's own support vs another episode's, per trained arm."""
-    lines = ["| method | own support | another episode's support |", "|---|---|---|"]
+    """Markdown: 1-shot mIoU with the episode's own support vs another episode's, and the logit changes of
+    :func:`support_influence`, per trained arm (means over folds)."""
+    lines = ["| method | mIoU, own support | mIoU, another episode's support | Δ logits, another support "
+             "(% of logit std) | Δ logits, empty K/V bank (% of logit std) |", "|---|---|---|---|---|"]
     for label, per_fold in results.items():
         if CONTROL in per_fold[folds[0]]:
             own = np.mean([per_fold[f]["1-shot"]["miou"] for f in folds])
             other = np.mean([per_fold[f][CONTROL]["miou"] for f in folds])
-            lines.append(f"| {label} | {own:.1f} | {other:.1f} |")
+            d_other = np.mean([per_fold[f]["influence"]["other"] for f in folds])
+            d_none = np.mean([per_fold[f]["influence"]["none"] for f in folds])
+            lines.append(f"| {label} | {own:.1f} | {other:.1f} | {d_other:.2f} | {d_none:.2f} |")
     return "\n".join(lines)
 
 
@@ -285,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         for fold in args.folds:
             print(f"== {label}, fold {fold}")
             results[label][fold] = run_cached(label, runner, backbone, fold, args)
+            if runner is diffews_arm:
+                weights = CACHE / f"{results[label][fold]['tag']}.safetensors"
+                results[label][fold]["influence"] = support_influence(backbone, weights, fold)
             print(json.dumps({k: v for k, v in results[label][fold].items() if k != "examples"}))
     taps = "\n".join(f"- {label}: " + ", ".join(f"fold {f} `{r['tap']}` (base-class val mIoU {r['val_miou']:.1f})"
                                                  for f, r in per_fold.items())
@@ -306,7 +333,8 @@ of {args.batch_size} one-shot base-class episodes per fold, lr {args.lr}; protot
 
 Does the trained model segment what the support shows? Control: 1-shot mean mIoU over the folds when
 each query is given the support of another episode (mostly another class) and still scored against
-its own class:
+its own class; and how much the query's mask logits move (mean absolute change over 64 one-shot test
+episodes per fold, in % of the logits' standard deviation) when the support is swapped or removed:
 
 {control_table(results, args.folds)}
 
