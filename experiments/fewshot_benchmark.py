@@ -38,7 +38,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -47,8 +47,10 @@ from difffeat.data.episodes import FewShotDataModule, FewShotEpisodes
 from difffeat.data.scenes import CLASSES, SceneDataset, fold_classes
 from difffeat.extract import FeatureExtractor
 from difffeat.readout import PerPixel
+from difffeat.store import atomic_write
 from experiments.probe_digits import ROOT, ensure_backbone, write_readme_table
 from heads.fewshot import (
+    DiffewS,
     FeatureCache,
     FewShotIoU,
     FewShotSegmentationModule,
@@ -101,6 +103,18 @@ def test_episodes(fold: int, shots: int, n: int) -> FewShotEpisodes:
     return FewShotDataModule(fold=fold, shots=shots, size=SIZE, test_episodes=n)._episodes(train=False)
 
 
+def evaluate_settings(predict: Predictor, fold: int, episodes: int) -> dict[str, Any]:
+    """Scores of every setting of :data:`SETTINGS` on a fold's test episodes, plus (fold 0) the masks of
+    the first one-shot episodes for the figure."""
+    out: dict[str, Any] = {}
+    for name, shots, vote in SETTINGS:
+        keep = EXAMPLES if (fold, name) == (0, "1-shot") else 0
+        out[name], examples = evaluate(predict, test_episodes(fold, shots, episodes), vote, f"fold {fold} {name}", keep)
+        if examples:
+            out["examples"] = [e.tolist() for e in examples]
+    return out
+
+
 def prototype_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     """Chooses a tap on base-class episodes, then evaluates the prototype baseline on the novel ones."""
     model = create_backbone(backbone)
@@ -123,14 +137,8 @@ def prototype_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) 
     cache.store.clear()  # the candidates' features are no longer needed
     extractor = FeatureExtractor(model, [layer], [t], readout=PerPixel(args.feature_size))
     segmenter = PrototypeSegmenter(FeatureCache(dense_features(extractor)))
-    out: dict[str, Any] = {"tap": f"{layer}@t{t}", "val_miou": val_miou[(layer, t)]}
-    for name, shots, vote in SETTINGS:
-        keep = EXAMPLES if (fold, name) == (0, "1-shot") else 0
-        out[name], examples = evaluate(segmenter.predict, test_episodes(fold, shots, args.episodes), vote,
-                                       f"fold {fold} {name}", keep)
-        if examples:
-            out["examples"] = [e.tolist() for e in examples]
-    return out
+    return {"tap": f"{layer}@t{t}", "val_miou": val_miou[(layer, t)],
+            **evaluate_settings(segmenter.predict, fold, args.episodes)}
 
 
 def diffews_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -145,17 +153,10 @@ def diffews_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) ->
     trainer.fit(module, datamodule=data)
     model = module.model.eval()
     CACHE.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(CACHE / f"{tag}.safetensors"))
-    out: dict[str, Any] = {"train_steps": args.train_steps}
-    out[CONTROL] = evaluate(model.predict, test_episodes(fold, 1, args.episodes), False, f"fold {fold} control",
-                            foreign_support=True)[0]
-    for name, shots, vote in SETTINGS:
-        keep = EXAMPLES if (fold, name) == (0, "1-shot") else 0
-        out[name], examples = evaluate(model.predict, test_episodes(fold, shots, args.episodes), vote,
-                                       f"fold {fold} {name}", keep)
-        if examples:
-            out["examples"] = [e.tolist() for e in examples]
-    return out
+    atomic_write(CACHE / f"{tag}.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    control = evaluate(model.predict, test_episodes(fold, 1, args.episodes), False, f"fold {fold} control",
+                       foreign_support=True)[0]
+    return {"train_steps": args.train_steps, CONTROL: control, **evaluate_settings(model.predict, fold, args.episodes)}
 
 
 def arms(args: argparse.Namespace) -> dict[str, tuple[Callable[..., dict[str, Any]], str]]:
@@ -191,9 +192,7 @@ def run_cached(label: str, runner: Callable[..., dict[str, Any]], backbone: str,
         result = runner(backbone, fold, args, key[:16])
         result["seconds"] = time.perf_counter() - start
         CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(result).encode())
     return {**json.loads(path.read_text()), "tag": key[:16]}
 
 
@@ -204,7 +203,7 @@ def support_influence(backbone: str, weights: Path, fold: int, episodes: int = 6
     when the support is swapped for another episode's (``other``) and when the K/V bank is left empty
     (``none``: plain self-attention, no support at all).
     """
-    model = FewShotSegmentationModule(method="diffews", backbone=backbone).model
+    model = DiffewS(backbone)
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     batch = next(iter(DataLoader(test_episodes(fold, 1, episodes), batch_size=episodes)))
@@ -346,9 +345,7 @@ CPU minutes per arm (all folds, cached arms count their first run): """ + ", ".j
 
 ![fold-0 one-shot episodes]({examples.name})
 """
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    atomic_write(args.out, text.encode())
     if args.out == RESULTS / "fewshot_benchmark.md" and args.folds == [0, 1, 2, 3]:
         write_readme_table(summary(results, args.folds), marker="fewshot")
     print(text)
