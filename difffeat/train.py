@@ -16,9 +16,13 @@ trained with ``"eps"``, ``DDPMPipeline.from_pretrained`` samples from it.
 from __future__ import annotations
 
 import copy
+import errno
+import itertools
 import json
 import math
+import os
 import shutil
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -74,40 +78,87 @@ def diffusion_loss(module: DiffusionModule, x0: torch.Tensor, generator: torch.G
     return F.mse_loss(pred, target)
 
 
+def _swap_in(new: Path, folder: Path, staging: Path) -> None:
+    """Puts the finished folder ``new`` at ``folder``, replacing what is there, so that at every moment
+    a complete model exists: at ``folder``, or, between the two renames, as ``staging/old*``.
+
+    The old model is renamed aside (inside this export's own ``staging`` folder), the new one renamed
+    in, and the old one deleted with ``staging`` by the caller. An error between the renames (a full
+    disk, a ``KeyboardInterrupt``) renames the old model back. Another export renaming its model in
+    at the same time makes our rename find the folder occupied: ours then moves that one aside too
+    and retries, so the last export to finish wins and the folder is never a mix of two.
+    """
+    aside: Path | None = None
+    try:
+        for attempt in itertools.count():
+            aside = staging / f"old{attempt}"
+            try:
+                os.replace(folder, aside)
+            except FileNotFoundError:  # first export, or a concurrent one holds the folder aside right now
+                aside = None
+            try:
+                os.replace(new, folder)
+                return
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # a concurrent export renamed its model in between: our aside copy is obsolete
+    except BaseException:
+        if aside is not None and aside.exists() and not folder.exists():
+            os.replace(aside, folder)  # the old model goes back where a loader looks
+        raise
+
+
 def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], folder: str | Path,
                   extra: dict[str, Any] | None = None, selfcond: SelfConditioning | None = None,
                   null_embedding: torch.Tensor | None = None) -> Path:
     """Saves ``model`` and its scheduler as a diffusers pipeline folder, atomically.
 
-    The folder is written beside its destination and renamed into place, so a crash never leaves a
-    half-saved model where a loader would find it. ``extra`` is written to ``difffeat.json``; a
-    self-conditioning MLP goes to ``selfcond/`` (config and safetensors weights), which
-    ``create_backbone`` re-attaches. A text-conditioned U-Net's fixed condition (``null_embedding``,
-    ``(1, L, D)``) goes to ``null_embedding.safetensors`` (key ``prompt_embeds``), where its adapter looks.
+    The folder is written inside a uniquely named staging folder beside its destination
+    (``.{name}.export-*``, so exports to one folder from threads or processes never share files) and
+    renamed into place by :func:`_swap_in`: a crash at any point leaves a complete model, the old or
+    the new one, never a half-saved folder where a loader would find it.
+
+    Args:
+        model: a diffusers denoiser (a class in ``LAYOUT``); saved as float32 on the CPU.
+        scheduler_config: the scheduler's config dict (``_class_name`` names the diffusers class).
+        folder: destination; replaced if it exists.
+        extra: written to ``difffeat.json`` (training hyper-parameters, step).
+        selfcond: a self-conditioning MLP, saved to ``selfcond/`` (config and safetensors weights),
+            which ``create_backbone`` re-attaches.
+        null_embedding: a text-conditioned U-Net's fixed condition ``(1, L, D)``, saved to
+            ``null_embedding.safetensors`` (key ``prompt_embeds``), where its adapter looks.
+
+    Returns:
+        ``folder`` as a ``Path``.
     """
     import diffusers
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    component, pipeline = LAYOUT[type(model).__name__]
-    scheduler = getattr(diffusers, scheduler_config.get("_class_name", "DDPMScheduler")).from_config(scheduler_config)
-    copy.deepcopy(model).float().cpu().save_pretrained(tmp / component, safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
-             component: ["diffusers", type(model).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "difffeat.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True, default=str))
-    if selfcond is not None:
-        (tmp / "selfcond").mkdir()
-        (tmp / "selfcond" / "config.json").write_text(json.dumps(selfcond.config(), indent=2))
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in selfcond.state_dict().items()},
-                  str(tmp / "selfcond" / "model.safetensors"))
-    if null_embedding is not None:
-        save_file({"prompt_embeds": null_embedding.detach().float().cpu().contiguous()},
-                  str(tmp / "null_embedding.safetensors"))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.export-"))
+    try:
+        tmp = staging / "new"  # made by save_pretrained, so with the usual permissions (mkdtemp's are 0700)
+        component, pipeline = LAYOUT[type(model).__name__]
+        scheduler = getattr(diffusers, scheduler_config.get("_class_name", "DDPMScheduler")).from_config(
+            scheduler_config)
+        copy.deepcopy(model).float().cpu().save_pretrained(tmp / component, safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+                 component: ["diffusers", type(model).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "difffeat.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True, default=str))
+        if selfcond is not None:
+            (tmp / "selfcond").mkdir()
+            (tmp / "selfcond" / "config.json").write_text(json.dumps(selfcond.config(), indent=2))
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in selfcond.state_dict().items()},
+                      str(tmp / "selfcond" / "model.safetensors"))
+        if null_embedding is not None:
+            save_file({"prompt_embeds": null_embedding.detach().float().cpu().contiguous()},
+                      str(tmp / "null_embedding.safetensors"))
+        _swap_in(tmp, folder, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the replaced model, or the unfinished new one
     return folder
 
 

@@ -110,3 +110,100 @@ def test_a_pixel_space_condition_unet_trains_on_scenes_and_reloads_with_its_cond
     x, t = torch.randn(2, 3, 64, 64), torch.tensor([3, 500])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t), module.ema(x, t))
+
+
+# ----------------------------------------------------------------- atomic export
+def _export(model: int | torch.nn.Module, folder, tag: str):
+    """Saves a tiny U-Net (a module, or the seed of a fresh one) with ``tag`` in its ``difffeat.json``."""
+    from difffeat.train import SCHEDULERS, save_pipeline
+
+    if not isinstance(model, torch.nn.Module):
+        model = create_backbone("unet2d-tiny", seed=model).model
+    return save_pipeline(model, SCHEDULERS["eps"], folder, extra={"tag": tag})
+
+
+def _digest_and_tag(folder) -> tuple[str, str]:
+    """The weights and the ``difffeat.json`` of a folder: a complete export has both from one save."""
+    return (create_backbone(folder).weights_digest(),
+            json.loads((folder / "difffeat.json").read_text())["tag"])
+
+
+def test_an_export_leaves_another_exports_temporary_folder_alone(tmp_path) -> None:
+    # an export in progress elsewhere (another process, the fixed-name scheme's ``.tmp``) must survive
+    for name in ("model.tmp", ".model.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "in-progress").write_text("")
+    _export(0, tmp_path / "model", "a")
+    _export(1, tmp_path / "model", "b")  # in sequence: the second replaces the first
+    assert (tmp_path / "model.tmp" / "in-progress").exists() and (tmp_path / ".model.tmp" / "in-progress").exists()
+    assert _digest_and_tag(tmp_path / "model") == (create_backbone("unet2d-tiny", seed=1).weights_digest(), "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp", "model", "model.tmp"]
+
+
+def test_concurrent_exports_to_one_folder_leave_one_complete_model(tmp_path, monkeypatch) -> None:
+    import threading
+
+    from diffusers import ModelMixin
+
+    # both exports are held after writing their weights, so their remaining steps interleave
+    barrier = threading.Barrier(2, timeout=30)
+    save = ModelMixin.save_pretrained
+
+    def held(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        barrier.wait()
+
+    monkeypatch.setattr(ModelMixin, "save_pretrained", held)
+    errors = []
+    # built before the threads start: a backbone's seeded init uses the global generator
+    models = {tag: create_backbone("unet2d-tiny", seed=s).model for s, tag in ((0, "a"), (1, "b"))}
+
+    def run(tag: str) -> None:
+        try:
+            _export(models[tag], tmp_path / "model", tag)
+        except BaseException as err:  # a thread's error would otherwise only be printed
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(tag,)) for tag in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    expected = {(create_backbone("unet2d-tiny", seed=s).weights_digest(), tag) for s, tag in ((0, "a"), (1, "b"))}
+    assert _digest_and_tag(tmp_path / "model") in expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("crash", [OSError("disk gone"), KeyboardInterrupt()])
+def test_a_crash_while_renaming_the_new_model_in_keeps_the_old_one(tmp_path, monkeypatch, crash) -> None:
+    import os
+    from pathlib import Path
+
+    folder = tmp_path / "model"
+    _export(0, folder, "old")
+    old = _digest_and_tag(folder)
+    replace, rename = os.replace, Path.rename
+    calls = {"n": 0}
+
+    def crash_once(dst) -> None:
+        if Path(dst) == folder and calls["n"] == 0:  # the rename that puts the new model in place
+            calls["n"] += 1
+            raise crash
+
+    def fake_replace(src, dst, *args, **kwargs):
+        crash_once(dst)
+        return replace(src, dst, *args, **kwargs)
+
+    def fake_rename(self, dst):
+        crash_once(dst)
+        return rename(self, dst)
+
+    monkeypatch.setattr(os, "replace", fake_replace)
+    monkeypatch.setattr(Path, "rename", fake_rename)
+    with pytest.raises(type(crash)):
+        _export(1, folder, "new")
+    assert calls["n"] == 1
+    monkeypatch.undo()
+    assert _digest_and_tag(folder) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
