@@ -19,7 +19,6 @@ import copy
 import errno
 import itertools
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -30,6 +29,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
 from difffeat.align import Alignment
@@ -173,11 +174,12 @@ class DiffusionModule(L.LightningModule):
             1e-4 → 0.02, T = 1000).
         objective: ``"eps"`` (predict the noise, as DDPM), ``"v"`` (v-prediction) or ``"flow"`` (SiT
             linear interpolant, velocity prediction).
-        lr: peak AdamW learning rate, reached after ``warmup_steps`` and decayed to 0 by a cosine.
+        lr: peak AdamW learning rate, reached after ``warmup_steps`` and decayed to 0 by a cosine
+            (diffusers' ``get_cosine_schedule_with_warmup``: the first step runs at learning rate 0).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up length.
-        ema_decay: EMA decay; the effective decay ramps up as ``min(decay, (1 + n) / (10 + n))``
-            (as diffusers' ``EMAModel``), so short runs are not dominated by the initial weights.
+        ema_decay: EMA decay (diffusers' ``EMAModel``); after ``n`` optimiser steps the effective decay
+            is ``min(ema_decay, (1 + n) / (10 + n))``, so short runs are not dominated by the initial weights.
         export_dir: where the EMA model is saved as a diffusers pipeline when training ends.
         alignment: REPA / HASTE plug-in (:class:`~difffeat.align.Alignment`); its projector trains
             with the backbone, its teacher stays frozen and stops running after its ``stop_step``.
@@ -199,6 +201,9 @@ class DiffusionModule(L.LightningModule):
         self.backbone.set_self_conditioning(self_conditioning)
         self.backbone.requires_grad_(True).train()  # create_backbone returns eval mode; Lightning keeps modes
         self.ema = copy.deepcopy(self.backbone).requires_grad_(False).eval()
+        # update_after_step=-1: the n-th update uses decay min(ema_decay, (1 + n) / (10 + n)); diffusers'
+        # default (0) would make the first update a plain copy of the weights and shift the ramp by a step
+        self._ema_updater = EMAModel([], decay=ema_decay, update_after_step=-1, foreach=True)
         self.objective, self.lr, self.weight_decay = objective, lr, weight_decay
         self.warmup_steps, self.ema_decay, self.export_dir = warmup_steps, ema_decay, export_dir
         self.alignment = alignment
@@ -238,27 +243,28 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self, n: int) -> None:
-        """One EMA step towards the current weights, ``n`` optimiser steps having been taken."""
-        decay = min(self.ema_decay, (1 + n) / (10 + n))
-        for p_ema, p in zip(self.ema.parameters(), self.backbone.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1 - decay)
+        """One EMA step towards the current weights, ``n`` optimiser steps having been taken.
+
+        The step is diffusers' ``EMAModel.step``, averaging into :attr:`ema`'s own parameters (so the
+        averaged model is a module: moved with this one, saved in Lightning checkpoints, exported).
+        Its step counter is set from ``n`` each time, so a resumed run continues the ramp where it was.
+        Buffers (a DiT's position table, a fixed condition) are copied, not averaged.
+        """
+        self._ema_updater.shadow_params = list(self.ema.parameters())
+        self._ema_updater.optimization_step = n - 1  # step() counts this update
+        self._ema_updater.step(list(self.backbone.parameters()))
         for b_ema, b in zip(self.ema.buffers(), self.backbone.buffers(), strict=True):
             b_ema.copy_(b)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the backbone (and the alignment projector), with diffusers' linear warm-up and
+        cosine decay to 0 over the run's optimisation steps, stepped every step."""
         params = list(self.backbone.parameters())
         if self.alignment is not None:
             params += list(self.alignment.projector.parameters())
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def factor(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            progress = (step - self.warmup_steps) / max(total - self.warmup_steps, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=self.warmup_steps, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, folder: str | Path) -> Path:

@@ -207,3 +207,41 @@ def test_a_crash_while_renaming_the_new_model_in_keeps_the_old_one(tmp_path, mon
     monkeypatch.undo()
     assert _digest_and_tag(folder) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ----------------------------------------------------------------- EMA and learning-rate schedule
+def test_ema_follows_the_warm_up_formula_step_by_step() -> None:
+    module = DiffusionModule("dit-digits", ema_decay=0.3)  # the cap is reached within the steps below
+    backbone_buffers = dict(module.backbone.named_buffers())
+    reference = [p.detach().clone() for p in module.ema.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 7):
+        with torch.no_grad():  # stand-in for an optimiser step
+            for p in module.backbone.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+            backbone_buffers["model.pos_embed.pos_embed"].add_(1.0)
+        module.update_ema(n)
+        decay = min(0.3, (1 + n) / (10 + n))  # the formula this module has always used
+        reference = [r + (1 - decay) * (p.detach() - r) for r, p in zip(reference, module.backbone.parameters(),
+                                                                         strict=True)]
+        for r, p in zip(reference, module.ema.parameters(), strict=True):
+            torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
+        for name, b in module.ema.named_buffers():  # buffers are copied, not averaged
+            assert torch.equal(b, backbone_buffers[name])
+
+
+def test_learning_rate_follows_diffusers_cosine_schedule_with_warmup() -> None:
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    module = DiffusionModule("unet2d-tiny", lr=1e-3, warmup_steps=3)
+    module.trainer = type("Trainer", (), {"estimated_stepping_batches": 10})()  # what the schedule reads
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), 3, 10)
+    for _ in range(10):
+        assert opt.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0], abs=1e-12)
+        opt.step()
+        sched.step()
+        reference.optimizer.step()
+        reference.step()
