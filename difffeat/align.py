@@ -37,13 +37,30 @@ __all__ = ["Alignment", "TimmTeacher", "attention_distillation_loss", "mlp_proje
 
 
 def mlp_projector(in_dim: int, out_dim: int, hidden: int = 2048) -> nn.Sequential:
-    """REPA's projector: Linear → SiLU → Linear → SiLU → Linear."""
+    """REPA's projector: Linear → SiLU → Linear → SiLU → Linear.
+
+    Args:
+        in_dim: width of the student's tokens.
+        out_dim: width of the teacher's tokens.
+        hidden: width of the two hidden layers.
+    """
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                          nn.Linear(hidden, out_dim))
 
 
 def repa_loss(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``-mean`` over batch and tokens of the cosine similarity of ``(B, N, D)`` token sets."""
+    """REPA's loss: minus the cosine similarity of matching tokens, averaged over batch and tokens.
+
+    Args:
+        projected: ``(B, N, D)`` projected student tokens.
+        teacher: ``(B, N, D)`` teacher tokens (token ``i`` of both is the same image patch).
+
+    Returns:
+        A scalar in ``[-1, 1]`` (``-1``: every pair points the same way).
+
+    Raises:
+        ValueError: the two shapes differ.
+    """
     if projected.shape != teacher.shape:
         raise ValueError(f"student projection {tuple(projected.shape)} and teacher tokens "
                          f"{tuple(teacher.shape)} differ in shape")
@@ -59,6 +76,12 @@ def attention_distillation_loss(student_logits: torch.Tensor, teacher_logits: to
         teacher_logits: ``(B, P + N, P + N)`` of one teacher head; its first ``prefix`` rows and
             columns (CLS and register tokens) are dropped and the rest re-softmaxed.
         prefix: number of teacher prefix tokens.
+
+    Returns:
+        The scalar loss (the KL divergence plus the teacher's entropy, which has no gradient).
+
+    Raises:
+        ValueError: the teacher's attention without its prefix and the student's differ in shape.
     """
     teacher_logits = teacher_logits[..., prefix:, prefix:]
     if teacher_logits.shape != student_logits.shape:
@@ -87,7 +110,14 @@ class TimmTeacher(nn.Module):
         self.calls = 0  # forward count: termination is checked by tests through it
 
     def build(self, grid: tuple[int, int]) -> None:
-        """Creates the ViT for an input whose patch grid is ``grid`` (position embeddings resampled)."""
+        """Creates the ViT for an input whose patch grid is ``grid`` (position embeddings resampled).
+
+        Args:
+            grid: the student's token grid ``(h, w)``; the teacher's input is sized to give it.
+
+        Raises:
+            ValueError: ``model_kwargs`` fix an ``img_size`` whose patch grid is another one.
+        """
         import timm
 
         probe = timm.create_model(self.model_name, pretrained=False, **self.model_kwargs)
@@ -115,6 +145,7 @@ class TimmTeacher(nn.Module):
         self.input_size, self.grid = size, grid
 
     def train(self, mode: bool = True) -> TimmTeacher:
+        """Sets this module's mode; the ViT itself stays in eval mode (frozen, its dropout off)."""
         super().train(mode)
         if self.model is not None:
             self.model.eval()  # frozen: never in train mode
@@ -122,25 +153,41 @@ class TimmTeacher(nn.Module):
 
     @property
     def depth(self) -> int:
+        """Number of ViT blocks."""
         return len(self.model.blocks)
 
     @property
     def num_heads(self) -> int:
+        """Attention heads per block."""
         return self.model.blocks[0].attn.num_heads
 
     @property
     def dim(self) -> int:
+        """Token width (the projector's output size)."""
         return self.model.embed_dim
 
     @property
     def prefix(self) -> int:
+        """Prefix tokens (CLS and registers) before the patch tokens."""
         return self.model.num_prefix_tokens
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, attention_blocks: Sequence[int] = ()
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Patch tokens ``(B, N, D)`` of clean ``images`` in ``[-1, 1]`` and, for ``attention_blocks``,
-        attention logits ``(B, H, P + N, P + N)``."""
+        """Runs the frozen ViT on clean images.
+
+        Args:
+            images: ``(B, C, H, W)`` in ``[-1, 1]``; resized to the teacher's input size, a grey image
+                repeated over a colour teacher's channels.
+            attention_blocks: blocks whose attention logits are returned.
+
+        Returns:
+            Patch tokens ``(B, N, D)`` (prefix tokens removed) and, per requested block, attention logits
+            ``(B, H, P + N, P + N)``.
+
+        Raises:
+            ValueError: the images' channels cannot be fed to the teacher.
+        """
         self.calls += 1
         x = F.interpolate(images.float(), size=self.input_size, mode="bilinear", align_corners=False,
                           antialias=True)
@@ -199,8 +246,18 @@ class Alignment(nn.Module):
         self.projector: nn.Module | None = None
 
     def bind(self, backbone: Backbone) -> None:
-        """Checks the student against the teacher and builds the projector; every mismatch is an error
-        here, before any training step."""
+        """Checks the student against the teacher and builds the projector.
+
+        Every mismatch is an error here, before any training step.
+
+        Args:
+            backbone: the student, a transformer adapter (``transformer_blocks``).
+
+        Raises:
+            TypeError: the student has no transformer blocks.
+            ValueError: the depth or an attention pair is out of range, or the teacher's token grid is
+                not the student's.
+        """
         blocks = getattr(backbone.model, "transformer_blocks", None)
         if blocks is None:
             raise TypeError(f"alignment needs a transformer student with transformer_blocks; got "
@@ -212,7 +269,13 @@ class Alignment(nn.Module):
         grid = backbone.feature_info[f"transformer_blocks.{self.depth - 1}"].grid
         self.teacher.build(grid)
         student_tokens, teacher_tokens = grid[0] * grid[1], self.teacher.grid[0] * self.teacher.grid[1]
-        assert student_tokens == teacher_tokens, f"token counts differ: {student_tokens} vs {teacher_tokens}"
+        if student_tokens != teacher_tokens:  # REPA compares token i with token i: the grids must match
+            raise ValueError(
+                f"token counts differ: the student's block {self.depth} gives {student_tokens} tokens "
+                f"({grid[0]}x{grid[1]}), the teacher {self.teacher.model_name} "
+                f"gives {teacher_tokens} ({self.teacher.grid[0]}x{self.teacher.grid[1]}); change the teacher's "
+                f"patch_size or input size so that its patch grid is {grid[0]}x{grid[1]} (or leave img_size "
+                f"unset, so that difffeat resizes the teacher's input to that grid)")
         heads = blocks[0].attn1.heads
         if self.attention_pairs is None:
             td = self.teacher.depth  # student block b ↔ the teacher block at the same relative depth
@@ -229,17 +292,30 @@ class Alignment(nn.Module):
         self.projector = mlp_projector(dim, self.teacher.dim, self.projector_dim)
 
     def active(self, step: int) -> bool:
-        """Whether the alignment terms (and the teacher) run at optimisation step ``step``."""
+        """Whether the alignment terms (and the teacher) run at optimisation step ``step``.
+
+        Args:
+            step: the optimisation step (0 for the first).
+        """
         return self.stop_step is None or step < self.stop_step
 
     @property
     def uses_attention(self) -> bool:
+        """Whether the HASTE attention term is on (a positive weight and at least one head pair)."""
         return self.attention_weight > 0 and bool(self.attention_pairs)
 
     @contextmanager
     def capture(self, backbone: Backbone) -> Iterator[dict[str, Any]]:
         """Hooks that record, during the student's forward, the block-``L`` tokens and the mapped heads'
-        attention logits."""
+        attention logits.
+
+        Args:
+            backbone: the bound student.
+
+        Yields:
+            A dict filled by the forward run inside the context: ``"tokens"`` ``(B, N, D)`` and
+            ``"attention"`` (student block → logits ``(B, H, N, N)``); pass it to :meth:`loss`.
+        """
         found: dict[str, Any] = {"attention": {}}
         blocks = backbone.model.transformer_blocks
 
@@ -269,7 +345,15 @@ class Alignment(nn.Module):
                 h.remove()
 
     def loss(self, found: dict[str, Any], images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The weighted alignment terms for one batch (runs the teacher on the clean ``images``)."""
+        """The weighted alignment terms for one batch (runs the teacher on the clean ``images``).
+
+        Args:
+            found: what :meth:`capture` recorded during the student's forward on this batch.
+            images: the batch's clean images.
+
+        Returns:
+            ``{"repa": λ · REPA}``, plus ``"attention"`` (weighted HASTE term) when it is on.
+        """
         teacher_blocks = sorted({p[2] for p in self.attention_pairs}) if self.uses_attention else []
         tokens, teacher_logits = self.teacher(images, teacher_blocks)
         out = {"repa": self.weight * repa_loss(self.projector(found["tokens"]), tokens.to(found["tokens"].dtype))}

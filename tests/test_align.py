@@ -134,3 +134,16 @@ def test_project_teacher_export_loads_as_a_timm_checkpoint(tmp_path) -> None:
     trained = module.model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in teacher.model.state_dict().items() if k in trained)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_teacher_with_another_token_count_is_a_value_error_naming_both(checkpoint) -> None:
+    class CoarseTeacher(TimmTeacher):
+        """A teacher whose stem downsamples twice more than its patch size says (a 4x4 grid for 8x8)."""
+
+        def build(self, grid):
+            super().build(grid)
+            self.grid = (grid[0] // 2, grid[1] // 2)
+
+    align = Alignment(CoarseTeacher(VIT, str(checkpoint[0]), VIT_KW), depth=2, projector_dim=16)
+    with pytest.raises(ValueError, match=r"block 2 gives 64 tokens \(8x8\).*gives 16 \(4x4\).*patch grid is 8x8"):
+        align.bind(create_backbone("dit-digits"))
