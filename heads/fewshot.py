@@ -11,8 +11,7 @@ Metric (exact protocol): over all episodes, foreground intersection and union ar
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -21,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
+from difffeat.backbones.attention import DualConvIn, KVFusion
 from difffeat.backbones.base import check_images
 from difffeat.extract import FeatureExtractor
 from difffeat.readout import PerPixel, concat_features
 
-__all__ = ["DiffewS", "FeatureCache", "FewShotIoU", "FewShotSegmentationModule", "KVFusion", "PrototypeSegmenter",
-           "dense_features", "episode_masks", "mask_loss", "masked_average", "shot_vote", "support_conv_in"]
+__all__ = ["DiffewS", "FeatureCache", "FewShotIoU", "FewShotSegmentationModule", "PrototypeSegmenter",
+           "dense_features", "episode_masks", "mask_loss", "masked_average", "shot_vote"]
 
 #: a batched few-shot predictor: support ``(E, k, C, H, W)``, support masks ``(E, k, H, W)``, queries
 #: ``(E, C, H, W)`` → binary query masks ``(E, H, W)``
@@ -193,109 +193,13 @@ def episode_masks(predict: Predictor, support: torch.Tensor, support_mask: torch
     return torch.stack([shot_vote(m) for m in per_shot])
 
 
-# ----------------------------------------------------------------------------- DiffewS building blocks
-def support_conv_in(conv: nn.Conv2d) -> nn.Conv2d:
-    """DiffewS's support input convolution: takes the support image concatenated with its mask (the mask
-    repeated to the image's channel count), initialised with the original weights repeated along the
-    input channels and halved, so that it reproduces the original convolution when the mask channels
-    carry the same values as the image channels."""
-    new = nn.Conv2d(2 * conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
-    with torch.no_grad():
-        new.weight.copy_(torch.cat([conv.weight, conv.weight], 1) / 2)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    return new.to(conv.weight)
-
-
-class KVFusion:
-    """DiffewS's KV fusion on every self-attention (``attn1``) of a diffusers U-Net or transformer.
-
-    In :meth:`write` mode (the support pass) the keys and values of each self-attention are stored,
-    reshaped from batch to tokens (the ``k`` shots of an episode become one ``k · N`` token sequence).
-    In :meth:`read` mode (the query pass) each self-attention's keys and values are the query's own
-    followed by the bank's, so every query token attends to query and support tokens. The bank is
-    cleared when the read context ends (one episode batch). It works through forward hooks on the
-    attentions' ``to_k`` / ``to_v`` projections; no attention processor or forward is replaced.
-
-    Args:
-        model: the diffusers denoiser.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.attns = {name: m for name, m in model.named_modules() if name.endswith("attn1")}
-        if not self.attns:
-            raise TypeError(f"{type(model).__name__} has no self-attention (attn1) to fuse")
-        self.bank: dict[str, torch.Tensor] = {}
-
-    @contextmanager
-    def _hooks(self, hook_for: Callable[[str], Callable[..., Any]]) -> Iterator[None]:
-        handles = [getattr(attn, proj).register_forward_hook(hook_for(f"{name}.{proj}"))
-                   for name, attn in self.attns.items() for proj in ("to_k", "to_v")]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    @contextmanager
-    def write(self, shots: int) -> Iterator[None]:
-        """Support pass: a batch of ``episodes × shots`` images, shots of an episode consecutive."""
-        if shots < 1:
-            raise ValueError(f"shots must be >= 1, got {shots}")
-
-        def hook_for(key: str):
-            def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-                if out.shape[0] % shots:
-                    raise ValueError(f"support batch {out.shape[0]} is not a multiple of shots={shots}")
-                self.bank[key] = out.reshape(out.shape[0] // shots, shots * out.shape[1], out.shape[2])
-
-            return hook
-
-        with self._hooks(hook_for):
-            yield
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        """Query pass: self-attention keys/values extended with the bank's; the bank is cleared after."""
-
-        def hook_for(key: str):
-            def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
-                if key not in self.bank:
-                    return out
-                stored = self.bank[key]
-                if stored.shape[0] != out.shape[0]:
-                    raise ValueError(f"query batch {out.shape[0]} does not match the {stored.shape[0]} episodes "
-                                     f"in the bank")
-                return torch.cat([out, stored.to(out.dtype)], 1)
-
-            return hook
-
-        try:
-            with self._hooks(hook_for):
-                yield
-        finally:
-            self.bank.clear()
-
-
-class _DualConvIn(nn.Module):
-    """The U-Net's input convolution for query images, and its support twin for image + mask inputs
-    (chosen by the input's channel count), so the diffusers forward runs unchanged for both passes."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.query, self.support = conv, support_conv_in(conv)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.support(x) if x.shape[1] == self.support.in_channels else self.query(x)
-
-
 class DiffewS(nn.Module):
     """DiffewS-style few-shot segmentation on a diffusers U-Net.
 
     The support pass feeds each support image concatenated with its mask (in ``[-1, 1]``, repeated to
-    the image's channels) through a second input convolution (:func:`support_conv_in`) and fills a K/V
-    bank; the query pass attends to it in every self-attention (:class:`KVFusion`) and regresses the
+    the image's channels) through a second input convolution
+    (:func:`~difffeat.backbones.attention.support_conv_in`) and fills a K/V bank; the query pass attends
+    to it in every self-attention (:class:`~difffeat.backbones.attention.KVFusion`) and regresses the
     query mask in one step.
 
     At pixel scale (no VAE) the paper's one-step prediction of the mask *latent* with a v-prediction
@@ -317,7 +221,7 @@ class DiffewS(nn.Module):
         self.backbone = create_backbone(backbone).requires_grad_(True).train()
         self.timestep = self.backbone.schedule.validate([timestep])[0]
         model = self.backbone.model
-        model.conv_in = _DualConvIn(model.conv_in)
+        model.conv_in = DualConvIn(model.conv_in)
         old = model.conv_out
         new = nn.Conv2d(old.in_channels, 1, old.kernel_size, old.stride, old.padding)
         with torch.no_grad():

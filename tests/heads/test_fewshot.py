@@ -101,54 +101,6 @@ def test_episode_sampler_bad_input() -> None:
         FewShotEpisodes(scenes, [0, 1], shots=5)
 
 
-def test_support_conv_reproduces_the_original_when_mask_channels_equal_image_channels() -> None:
-    from heads.fewshot import support_conv_in
-
-    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-    support = support_conv_in(conv)
-    x = torch.randn(2, 3, 10, 10)
-    torch.testing.assert_close(support(torch.cat([x, x], 1)), conv(x))
-    assert support.in_channels == 6
-
-
-def test_kv_fusion_with_an_empty_bank_is_plain_self_attention() -> None:
-    from difffeat.backbones import create_backbone
-    from heads.fewshot import KVFusion
-
-    backbone = create_backbone("sd-unet-tiny")
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 10])
-    with torch.no_grad():
-        plain = backbone(x, t)
-        fusion = KVFusion(backbone.model)
-        with fusion.read():
-            assert torch.equal(backbone(x, t), plain)
-
-
-def test_kv_fusion_lets_the_query_see_the_support() -> None:
-    from difffeat.backbones import create_backbone
-    from heads.fewshot import KVFusion
-
-    backbone = create_backbone("sd-unet-tiny")
-    fusion = KVFusion(backbone.model)
-    query, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
-    support = torch.randn(3, 4, 8, 8)
-    with torch.no_grad():
-        plain = backbone(query, t)
-        with fusion.write(shots=3):
-            backbone(support, t.repeat(3))
-        key = next(k for k in fusion.bank if k.endswith("to_k"))
-        assert fusion.bank[key].shape[0] == 1 and fusion.bank[key].shape[1] % 3 == 0
-        with fusion.read():
-            fused = backbone(query, t)
-        assert not fusion.bank  # cleared after the episode
-        assert not torch.allclose(fused, plain)
-        # the support itself, fused with itself as a 1-shot bank, still runs
-        with fusion.write(shots=1):
-            backbone(query, t)
-        with fusion.read(), pytest.raises(ValueError, match="query batch 2"):
-            backbone(query.repeat(2, 1, 1, 1), t.repeat(2))
-
-
 def test_diffews_predicts_one_mask_per_episode_and_checks_its_input() -> None:
     from heads.fewshot import DiffewS, mask_loss
 
