@@ -30,9 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from difffeat.plugins import register_plugin
+
 __all__ = ["SelfConditioning"]
 
 
+@register_plugin("selfcond")
 class SelfConditioning(nn.Module):
     """Routes pooled mid-level features through an MLP into the conditioning of later layers.
 
@@ -50,11 +53,39 @@ class SelfConditioning(nn.Module):
         self.mode = ""
 
     def config(self) -> dict[str, Any]:
-        """What :meth:`bind` needs to rebuild this module (saved beside exported weights)."""
+        """The constructor arguments that rebuild this module (saved beside exported weights).
+
+        Returns:
+            ``hidden``, ``source`` (the one chosen by :meth:`bind`, once bound) and ``enabled``.
+        """
         return {"hidden": self.hidden, "source": self.source, "enabled": self.enabled}
 
+    def attach(self, backbone: Any) -> SelfConditioning:
+        """Binds this module to ``backbone``'s model and makes it active in every forward (the plug-in
+        protocol of :mod:`difffeat.plugins`, used when a model folder is loaded).
+
+        Args:
+            backbone: a :class:`~difffeat.backbones.Backbone`.
+
+        Returns:
+            This module.
+        """
+        backbone.set_self_conditioning(self)
+        return self
+
     def bind(self, model: nn.Module) -> SelfConditioning:
-        """Chooses source and targets in ``model`` (a diffusers U-Net or DiT) and builds the MLP."""
+        """Chooses source and targets in ``model`` and builds the MLP (last layer zero-initialised).
+
+        Args:
+            model: a diffusers U-Net (``up_blocks``) or DiT (``transformer_blocks``).
+
+        Returns:
+            This module.
+
+        Raises:
+            TypeError: ``model`` is neither.
+            ValueError: a U-Net source other than ``mid_block``, or a DiT source after which no block runs.
+        """
         if hasattr(model, "transformer_blocks"):
             n = len(model.transformer_blocks)
             self.source = self.source or f"transformer_blocks.{n // 2 - 1}"
@@ -83,7 +114,14 @@ class SelfConditioning(nn.Module):
 
     @contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
-        """Active self-conditioning for the forwards run inside this context."""
+        """Active self-conditioning for the forwards run inside this context (none when disabled).
+
+        Args:
+            model: the diffusers model this module was bound to.
+
+        Yields:
+            Nothing; the hooks are removed on exit, also after an error.
+        """
         if not self.enabled:
             yield
             return

@@ -9,8 +9,9 @@ Objectives (the noising conventions live in :mod:`difffeat.noise`):
   :class:`~difffeat.noise.FlowSchedule`).
 
 The saved folder is a diffusers pipeline (``model_index.json``, ``unet/`` or ``transformer/``,
-``scheduler/``), so ``create_backbone(folder)`` loads it like any downloaded checkpoint and, for a U-Net
-trained with ``"eps"``, ``DDPMPipeline.from_pretrained`` samples from it.
+``scheduler/``, the attached plug-ins under ``plugins/``), so ``create_backbone(folder)`` loads it like
+any downloaded checkpoint and, for a U-Net trained with ``"eps"``, ``DDPMPipeline.from_pretrained``
+samples from it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from safetensors.torch import save_file
 
 from difffeat.align import Alignment
 from difffeat.backbones import create_backbone
+from difffeat.plugins import attached_plugins, save_plugins
 from difffeat.selfcond import SelfConditioning
 
 __all__ = ["DiffusionModule", "PeriodicExport", "diffusion_loss", "save_pipeline"]
@@ -55,7 +58,17 @@ LAYOUT = {"UNet2DModel": ("unet", "DDPMPipeline"), "DiTTransformer2DModel": ("tr
 
 def noised_batch(module: DiffusionModule, x0: torch.Tensor, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_t, t, target)`` for one batch under the module's objective (``t`` as the network sees it)."""
+    """Noises one batch under the module's objective.
+
+    Args:
+        module: gives the objective and the backbone's schedule.
+        x0: clean images ``(B, C, H, W)``.
+        generator: for the noise and the timesteps (default: the global generator).
+
+    Returns:
+        ``(x_t, t, target)``: the noisy batch, the timesteps as the network sees them (integers for
+        DDPM objectives, ``t · T`` as floats for flow) and the regression target.
+    """
     schedule = module.backbone.schedule
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     n, steps = x0.shape[0], schedule.num_train_timesteps
@@ -73,6 +86,14 @@ def diffusion_loss(module: DiffusionModule, x0: torch.Tensor, generator: torch.G
 
     A DiT that also predicts its variance (``out_channels = 2 C``) has only its first ``C`` channels
     trained: the mean prediction, as in DiT's simple loss without the VLB term.
+
+    Args:
+        module: the module whose backbone and objective are used.
+        x0: clean images ``(B, C, H, W)``.
+        generator: for the noise and the timesteps (seeded in validation, so the loss is comparable).
+
+    Returns:
+        The scalar loss.
     """
     x_t, t, target = noised_batch(module, x0, generator)
     pred = module.backbone(x_t, t)[:, : x0.shape[1]]
@@ -111,7 +132,7 @@ def _swap_in(new: Path, folder: Path, staging: Path) -> None:
 
 
 def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], folder: str | Path,
-                  extra: dict[str, Any] | None = None, selfcond: SelfConditioning | None = None,
+                  extra: dict[str, Any] | None = None, plugins: Sequence[torch.nn.Module] = (),
                   null_embedding: torch.Tensor | None = None) -> Path:
     """Saves ``model`` and its scheduler as a diffusers pipeline folder, atomically.
 
@@ -125,8 +146,9 @@ def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], fold
         scheduler_config: the scheduler's config dict (``_class_name`` names the diffusers class).
         folder: destination; replaced if it exists.
         extra: written to ``difffeat.json`` (training hyper-parameters, step).
-        selfcond: a self-conditioning MLP, saved to ``selfcond/`` (config and safetensors weights),
-            which ``create_backbone`` re-attaches.
+        plugins: registered plug-ins attached to the model (self-conditioning, for one), saved to
+            ``plugins/<name>/`` by :func:`~difffeat.plugins.save_plugins`; ``create_backbone``
+            re-attaches them.
         null_embedding: a text-conditioned U-Net's fixed condition ``(1, L, D)``, saved to
             ``null_embedding.safetensors`` (key ``prompt_embeds``), where its adapter looks.
 
@@ -149,11 +171,7 @@ def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], fold
                  component: ["diffusers", type(model).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / "difffeat.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True, default=str))
-        if selfcond is not None:
-            (tmp / "selfcond").mkdir()
-            (tmp / "selfcond" / "config.json").write_text(json.dumps(selfcond.config(), indent=2))
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in selfcond.state_dict().items()},
-                      str(tmp / "selfcond" / "model.safetensors"))
+        save_plugins(plugins, tmp)
         if null_embedding is not None:
             save_file({"prompt_embeds": null_embedding.detach().float().cpu().contiguous()},
                       str(tmp / "null_embedding.safetensors"))
@@ -185,6 +203,9 @@ class DiffusionModule(L.LightningModule):
             with the backbone, its teacher stays frozen and stops running after its ``stop_step``.
         self_conditioning: DDAE++ self-conditioning (:class:`~difffeat.selfcond.SelfConditioning`); its
             MLP becomes part of the backbone (trained, EMA-averaged and exported with it).
+
+    Raises:
+        ValueError: an unknown objective, or an alignment that does not fit the backbone.
     """
 
     def __init__(self, backbone: str = "unet2d-digits", backbone_kwargs: dict[str, Any] | None = None,
@@ -215,6 +236,13 @@ class DiffusionModule(L.LightningModule):
 
         The alignment plug-in's terms are added while it is active; from its ``stop_step`` on, the
         total is the diffusion loss alone and the teacher is not run.
+
+        Args:
+            images: clean images ``(B, C, H, W)``.
+            step: the optimisation step (decides whether the alignment plug-in runs).
+
+        Returns:
+            The total loss and its terms (``"diffusion"``, plus the alignment's).
         """
         x_t, t, target = noised_batch(self, images)
         align = self.alignment is not None and self.alignment.active(step)
@@ -226,12 +254,14 @@ class DiffusionModule(L.LightningModule):
         return sum(terms.values()), terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss of one batch (``batch["image"]``), its terms logged under ``train/``."""
         loss, terms = self.compute_loss(batch["image"], self.global_step)
         self.log_dict({f"train/{k}": v for k, v in terms.items()})
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Logs ``val/loss`` with noise seeded by the batch index, so epochs are compared on equal noise."""
         gen = torch.Generator(device=self.device).manual_seed(batch_idx)
         self.log("val/loss", diffusion_loss(self, batch["image"], gen), prog_bar=True)
 
@@ -243,12 +273,15 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self, n: int) -> None:
-        """One EMA step towards the current weights, ``n`` optimiser steps having been taken.
+        """One EMA step towards the current weights.
 
         The step is diffusers' ``EMAModel.step``, averaging into :attr:`ema`'s own parameters (so the
         averaged model is a module: moved with this one, saved in Lightning checkpoints, exported).
         Its step counter is set from ``n`` each time, so a resumed run continues the ramp where it was.
         Buffers (a DiT's position table, a fixed condition) are copied, not averaged.
+
+        Args:
+            n: optimiser steps taken, this one included (1 for the first update).
         """
         self._ema_updater.shadow_params = list(self.ema.parameters())
         self._ema_updater.optimization_step = n - 1  # step() counts this update
@@ -268,12 +301,20 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, folder: str | Path) -> Path:
-        """Saves the EMA model (with its self-conditioning, if any) as a diffusers pipeline folder."""
-        return save_pipeline(self.ema.model, self.scheduler_config, folder, selfcond=self.ema.selfcond,
+        """Saves the EMA model, with its plug-ins (self-conditioning, if any), as a diffusers pipeline folder.
+
+        Args:
+            folder: destination (replaced atomically, see :func:`save_pipeline`).
+
+        Returns:
+            ``folder`` as a ``Path``.
+        """
+        return save_pipeline(self.ema.model, self.scheduler_config, folder, plugins=attached_plugins(self.ema),
                              extra={"hparams": dict(self.hparams), "global_step": self.global_step},
                              null_embedding=getattr(self.ema, "encoder_hidden_states", None))
 
     def on_train_end(self) -> None:
+        """Exports the EMA model to ``export_dir`` (rank 0 only), if one is set."""
         if self.export_dir and self.trainer.is_global_zero:
             self.export(self.export_dir)
 
@@ -283,6 +324,9 @@ class PeriodicExport(L.Callback):
 
     Args:
         every_n_steps: period in optimisation steps.
+
+    Raises:
+        ValueError: ``every_n_steps < 1``.
     """
 
     def __init__(self, every_n_steps: int) -> None:
@@ -291,6 +335,7 @@ class PeriodicExport(L.Callback):
         self.every_n_steps = every_n_steps
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        """Exports ``module`` (a :class:`DiffusionModule`) on rank 0 when the step count is a multiple."""
         step = trainer.global_step
         if step % self.every_n_steps == 0 and module.export_dir and trainer.is_global_zero:
             module.export(f"{module.export_dir}-step{step}")

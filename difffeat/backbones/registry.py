@@ -21,6 +21,7 @@ from typing import Any
 from diffusers import AutoencoderKL
 
 from difffeat.backbones.base import LOAD_KWARGS, Backbone
+from difffeat.plugins import load_plugins
 
 __all__ = [
     "create_backbone",
@@ -35,13 +36,27 @@ _ADAPTERS: dict[str, type[Backbone]] = {}
 
 
 def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-    """Registers a constructor under its function name with ``_`` spelled ``-`` (``unet2d_tiny`` → ``unet2d-tiny``)."""
+    """Registers a constructor under its function name with ``_`` spelled ``-`` (``unet2d_tiny`` → ``unet2d-tiny``).
+
+    Args:
+        fn: a constructor that only sets arguments and returns a :class:`Backbone`.
+
+    Returns:
+        ``fn`` unchanged (usable as a decorator).
+    """
     _BACKBONES[fn.__name__.replace("_", "-")] = fn
     return fn
 
 
 def register_adapter(cls: type[Backbone]) -> type[Backbone]:
-    """Registers an adapter class for the diffusers class named in its ``model_class``."""
+    """Registers an adapter class for the diffusers class named in its ``model_class``.
+
+    Args:
+        cls: a :class:`Backbone` subclass.
+
+    Returns:
+        ``cls`` unchanged (usable as a decorator).
+    """
     _ADAPTERS[cls.model_class] = cls
     return cls
 
@@ -52,7 +67,14 @@ def list_backbones() -> list[str]:
 
 
 def adapter_for(class_name: str) -> type[Backbone]:
-    """The adapter registered for a diffusers class name; a ``KeyError`` lists the supported ones."""
+    """The adapter registered for a diffusers class name.
+
+    Args:
+        class_name: a diffusers model class name (``UNet2DModel``), as in a folder's ``config.json``.
+
+    Raises:
+        KeyError: no adapter for it, listing the supported class names.
+    """
     try:
         return _ADAPTERS[class_name]
     except KeyError:
@@ -62,6 +84,12 @@ def adapter_for(class_name: str) -> type[Backbone]:
 
 def resolve_local(name_or_path: str | Path) -> Path:
     """A local folder for ``name_or_path``: the folder itself, or a hub id's copy in the local cache.
+
+    Args:
+        name_or_path: a folder, or a Hugging Face hub id.
+
+    Returns:
+        The folder.
 
     Raises:
         FileNotFoundError: the path does not exist and no cached copy of that hub id is on disk.
@@ -116,14 +144,7 @@ def _load_folder(folder: Path, **kwargs: Any) -> Backbone:
         model_dir = folder
     kwargs.setdefault("name", folder.name)
     backbone = adapter_for(class_name).from_pretrained(model_dir, **kwargs)
-    if (folder / "selfcond" / "config.json").exists():
-        from safetensors.torch import load_file
-
-        from difffeat.selfcond import SelfConditioning
-
-        selfcond = SelfConditioning(**_read_json(folder / "selfcond" / "config.json")).bind(backbone.model)
-        selfcond.load_state_dict(load_file(str(folder / "selfcond" / "model.safetensors")))
-        backbone.set_self_conditioning(selfcond)
+    load_plugins(folder, backbone)  # each saved plug-in names the module that registers it
     return backbone
 
 
@@ -136,7 +157,13 @@ def create_backbone(name_or_path: str | Path, **kwargs: Any) -> Backbone:
             ``encoder_hidden_states``, ``class_label``).
 
     Returns:
-        The adapter, in eval mode.
+        The adapter, in eval mode, with the plug-ins saved in its folder (self-conditioning, for one)
+        re-attached (see :mod:`difffeat.plugins`).
+
+    Raises:
+        FileNotFoundError: neither a registered name, a folder, nor a cached hub id; or a folder that
+            is not a diffusers folder.
+        KeyError: a diffusers class with no adapter, or a saved plug-in no module registers.
     """
     if str(name_or_path) in _BACKBONES:
         backbone = _BACKBONES[str(name_or_path)](**kwargs)

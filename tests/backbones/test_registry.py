@@ -100,3 +100,105 @@ def test_folder_without_diffusers_config_is_rejected(tmp_path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
         create_backbone(tmp_path)
+
+
+# ----------------------------------------------------------------- plug-ins saved in model folders
+TRAINING_MODULES = ("selfcond", "align", "train")
+
+
+def test_the_backbones_package_imports_no_training_module() -> None:
+    import ast
+    from pathlib import Path
+
+    import difffeat.backbones
+
+    for path in Path(difffeat.backbones.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports included
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[:2] not in [["difffeat", m] for m in TRAINING_MODULES], f"{path.name}: {name}"
+
+
+def _selfcond_export(tmp_path):
+    """A pipeline folder holding a U-Net with a trained-looking (non-zero) self-conditioning MLP."""
+    from difffeat.selfcond import SelfConditioning
+    from difffeat.train import SCHEDULERS, save_pipeline
+
+    backbone = create_backbone("unet2d-tiny").set_self_conditioning(SelfConditioning(hidden=8))
+    torch.nn.init.normal_(backbone.selfcond.mlp[-1].weight, generator=torch.Generator().manual_seed(0))
+    save_pipeline(backbone.model, SCHEDULERS["eps"], tmp_path / "sc", plugins=[backbone.selfcond])
+    return backbone, tmp_path / "sc"
+
+
+def test_a_self_conditioned_export_loads_in_a_fresh_interpreter(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    backbone, folder = _selfcond_export(tmp_path)
+    create_backbone("unet2d-tiny").model.save_pretrained(tmp_path / "plain")
+    code = ("import sys; import difffeat.backbones as b; "
+            "plain = b.create_backbone(sys.argv[2]); "
+            f"print([m for m in sys.modules if m.startswith('difffeat.') and m.split('.')[1] in {TRAINING_MODULES}]); "
+            "sc = b.create_backbone(sys.argv[1]); print(type(sc.selfcond).__name__, sc.weights_digest())")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "plain")], capture_output=True,
+                         text=True, check=True, timeout=300).stdout.strip().splitlines()
+    assert out[-2] == "[]"  # neither importing the backbones nor loading a plain folder imports a plug-in
+    assert out[-1] == f"SelfConditioning {backbone.weights_digest()}"  # the folder named the module to import
+
+
+def test_a_self_conditioned_export_reattaches_it(tmp_path) -> None:
+    backbone, folder = _selfcond_export(tmp_path)
+    assert (folder / "plugins" / "selfcond" / "model.safetensors").exists()
+    loaded = create_backbone(folder)
+    assert type(loaded.selfcond).__name__ == "SelfConditioning"
+    torch.testing.assert_close(loaded(torch.ones(2, 1, 16, 16), torch.tensor([3, 500])),
+                               backbone(torch.ones(2, 1, 16, 16), torch.tensor([3, 500])), rtol=0, atol=0)
+
+
+def test_a_folder_in_the_old_selfcond_layout_still_loads(tmp_path) -> None:
+    backbone, folder = _selfcond_export(tmp_path)
+    (folder / "plugins" / "selfcond").rename(folder / "selfcond")  # exports before the plug-in registry
+    (folder / "plugins").rmdir()
+    config = json.loads((folder / "selfcond" / "config.json").read_text())
+    config.pop("_module")
+    (folder / "selfcond" / "config.json").write_text(json.dumps(config))
+    loaded = create_backbone(folder)
+    assert loaded.weights_digest() == backbone.weights_digest()
+
+
+def test_any_registered_plugin_travels_with_the_folder_and_unknown_ones_are_named(tmp_path) -> None:
+    from difffeat.plugins import attached_plugins, register_plugin
+    from difffeat.train import SCHEDULERS, save_pipeline
+
+    @register_plugin("test-output-scale")
+    class OutputScale(torch.nn.Module):
+        """Multiplies the denoiser's output by a learned factor (a forward hook on the diffusers model)."""
+
+        def __init__(self, init: float = 1.0) -> None:
+            super().__init__()
+            self.init = init
+            self.scale = torch.nn.Parameter(torch.tensor(init))
+
+        def config(self) -> dict:
+            return {"init": self.init}
+
+        def attach(self, backbone: Backbone) -> None:
+            backbone.output_scale = self
+            backbone.model.register_forward_hook(lambda _m, _i, out: type(out)(out.sample * self.scale))
+
+    backbone = create_backbone("unet2d-tiny")
+    plain = _probe(backbone)
+    OutputScale(1.0).attach(backbone)
+    with torch.no_grad():
+        backbone.output_scale.scale.fill_(3.0)
+    assert attached_plugins(backbone) == [backbone.output_scale]
+    save_pipeline(backbone.model, SCHEDULERS["eps"], tmp_path / "m", plugins=attached_plugins(backbone))
+    loaded = create_backbone(tmp_path / "m")
+    torch.testing.assert_close(_probe(loaded), 3.0 * plain)
+    assert loaded.output_scale.init == 1.0 and float(loaded.output_scale.scale) == 3.0
+
+    config = tmp_path / "m" / "plugins" / "test-output-scale" / "config.json"
+    (config.parent).rename(config.parent.with_name("not-registered"))
+    with pytest.raises(KeyError, match=r"not-registered.*unknown plug-in 'not-registered'.*registered:.*selfcond"):
+        create_backbone(tmp_path / "m")
