@@ -92,7 +92,7 @@ def evaluate(predict: Predictor, episodes: FewShotEpisodes, vote: bool, desc: st
             if foreign_support:
                 support, support_mask = support.roll(1, 0), support_mask.roll(1, 0)
             masks = episode_masks(predict, support, support_mask, batch["query"], vote)
-            metric.update(masks, batch["query_mask"], batch["class_id"])
+            metric.update(masks, batch["query_mask"], batch["class_id"], batch["query_ignore"])
             kept += [m.numpy() for m in masks[: keep - len(kept)]]
     scores = metric.compute()
     return {"miou": 100 * float(scores["miou"]), "fbiou": 100 * float(scores["fbiou"])}, kept

@@ -51,12 +51,33 @@ class FewShotIoU(Metric):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, class_ids: torch.Tensor,
                ignore: torch.Tensor | None = None) -> None:
-        """Adds episodes: boolean ``pred`` and ``target`` ``(B, H, W)``, their ``class_ids`` ``(B,)``, and
-        optionally pixels to ``ignore`` (e.g. PASCAL's 255 boundary)."""
+        """Adds a batch of episodes.
+
+        Ignored pixels are removed from both prediction and ground truth before counting, as in HSNet's
+        evaluator (which sets them to 255 in both, outside its two-bin histograms): they count in neither
+        the foreground nor the background intersection and union.
+
+        Args:
+            pred: predicted query masks ``(B, H, W)`` (bool).
+            target: ground-truth query masks ``(B, H, W)`` (bool).
+            class_ids: the episodes' class ids ``(B,)``.
+            ignore: pixels to leave out ``(B, H, W)`` (e.g. PASCAL's 255 boundary), or ``None``.
+
+        Raises:
+            ValueError: shapes differ, or an ignored pixel is marked foreground in ``target``.
+        """
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
         pred, target = pred.bool(), target.bool()
-        valid = torch.ones_like(target) if ignore is None else ~ignore.bool()
+        if ignore is None:
+            valid = torch.ones_like(target)
+        else:
+            if ignore.shape != target.shape:
+                raise ValueError(f"ignore mask {tuple(ignore.shape)} and target {tuple(target.shape)} differ in shape")
+            ignore = ignore.bool().to(target.device)
+            if (ignore & target).any():  # HSNet asserts the same: a pixel is either labelled or ignored
+                raise ValueError(f"{int((ignore & target).sum())} ignored pixels are foreground in the target")
+            valid = ~ignore
         class_ids = torch.as_tensor(class_ids, device=pred.device).long().flatten()
         for fg, (p, t) in enumerate(((~pred, ~target), (pred, target))):
             inter = (p & t & valid).flatten(1).sum(1).double()
@@ -310,10 +331,12 @@ class FewShotSegmentationModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.val_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"])
+        self.val_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"],
+                               batch.get("query_ignore"))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.test_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"])
+        self.test_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"],
+                               batch.get("query_ignore"))
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores(self.val_iou, "val")

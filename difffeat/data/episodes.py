@@ -34,11 +34,14 @@ def class_index(dataset: Dataset, classes: Sequence[int]) -> dict[int, list[int]
 class FewShotEpisodes(Dataset):
     """``episodes`` seeded ``k``-shot episodes over ``classes`` of a segmentation dataset.
 
-    Items: ``query`` ``(3, H, W)``, ``query_mask`` ``(H, W)`` bool, ``support`` ``(k, 3, H, W)``,
-    ``support_mask`` ``(k, H, W)`` bool, ``class_id`` and ``episode``.
+    Items: ``query`` ``(3, H, W)``, ``query_mask`` ``(H, W)`` bool, ``query_ignore`` ``(H, W)`` bool
+    (pixels the metric and the loss leave out, e.g. PASCAL's 255 boundary; all ``False`` for a dataset
+    without them), ``support`` ``(k, 3, H, W)``, ``support_mask`` ``(k, H, W)`` bool, ``class_id`` and
+    ``episode``.
 
     Args:
-        dataset: items with ``image``, ``semantic`` (class id + 1 per pixel, 0 = background) and ``labels``.
+        dataset: items with ``image``, ``semantic`` (class id + 1 per pixel, 0 = background) and ``labels``,
+            optionally ``ignore`` (bool ``(H, W)``).
         classes: the classes episodes are drawn from (a fold's novel classes at test time, its base
             classes in training).
         shots: ``k`` supports per episode (>= 1).
@@ -84,7 +87,10 @@ class FewShotEpisodes(Dataset):
         c, query, supports = self.sample(episode)
         q = self.dataset[query]
         s = [self.dataset[i] for i in supports]
-        return {"query": q["image"], "query_mask": q["semantic"] == c + 1,
+        ignore = q.get("ignore")
+        if ignore is None:
+            ignore = torch.zeros_like(q["semantic"], dtype=torch.bool)
+        return {"query": q["image"], "query_mask": q["semantic"] == c + 1, "query_ignore": ignore,
                 "support": torch.stack([x["image"] for x in s]),
                 "support_mask": torch.stack([x["semantic"] == c + 1 for x in s]),
                 "class_id": c, "episode": episode}

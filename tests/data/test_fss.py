@@ -71,3 +71,40 @@ def test_missing_files_are_named(tmp_path) -> None:
     split.write_text("2007_000009__01\n")
     with pytest.raises(FileNotFoundError, match="2007_000009.jpg"):
         pascal5i(tmp_path, fold=0)
+
+
+def test_ignore_pixels_reach_the_metric_and_count_in_neither_intersection_nor_union(tmp_path) -> None:
+    """HSNet's evaluation: pixels marked 255 are removed from both prediction and ground truth."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from heads.fewshot import FewShotSegmentationModule
+
+    names = ["2007_000001", "2007_000002"]
+    for n in names:  # 8 x 8: object rows 2-5 x cols 3-6 (16 px), boundary row 6 x cols 3-6 (4 px)
+        _write(tmp_path / "VOC2012/JPEGImages" / f"{n}.jpg", tmp_path / "VOC2012/SegmentationClassAug" / f"{n}.png",
+               2, size=(8, 8))
+    split = tmp_path / "splits/pascal/val/fold0.txt"
+    split.parent.mkdir(parents=True)
+    split.write_text("".join(f"{n}__02\n" for n in names))
+    episodes = FewShotEpisodes(pascal5i(tmp_path, fold=0, size=8), [1], shots=1, episodes=1)
+    item = episodes[0]
+    band = torch.zeros(8, 8, dtype=torch.bool)
+    band[6, 3:7] = True
+    assert torch.equal(item["query_ignore"], band) and not (item["query_mask"] & band).any()
+
+    module = FewShotSegmentationModule(method="prototype", backbone="unet2d-tiny", layers=["up_blocks.0"],
+                                       feature_size=8)
+
+    def predict_masks(batch):  # the object, its boundary band, and one false positive at (0, 0)
+        pred = batch["query_mask"] | band
+        pred[:, 0, 0] = True
+        return pred
+
+    module.predict_masks = predict_masks
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.test(module, DataLoader(episodes, batch_size=1), verbose=False)[0]
+    # foreground: I = 16, U = 16 + 1 (the band is ignored; counted it would give U = 21)
+    # background over the 60 valid pixels: prediction 43, ground truth 44, I = 43, U = 44
+    assert logged["test/miou"] == pytest.approx(16 / 17)
+    assert logged["test/fbiou"] == pytest.approx((16 / 17 + 43 / 44) / 2)

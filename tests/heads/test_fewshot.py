@@ -35,6 +35,8 @@ def test_metric_ignores_marked_pixels() -> None:
     pred, target = _mask(["##"])[None], _mask(["#."])[None]
     metric.update(pred, target, torch.tensor([0]), ignore=_mask([".#"])[None])
     assert metric.compute()["miou"] == 1
+    with pytest.raises(ValueError, match="1 ignored pixels are foreground"):
+        metric.update(pred, target, torch.tensor([0]), ignore=_mask(["#."])[None])
 
 
 def test_masked_average_and_shot_vote() -> None:
@@ -89,7 +91,7 @@ def test_episodes_are_seeded_and_exclude_the_query() -> None:
         item = episodes[e]
         assert item["class_id"] == c
         assert item["query_mask"].any() and all(m.any() for m in item["support_mask"])
-        assert item["support"].shape == (2, 3, 64, 64)
+        assert item["support"].shape == (2, 3, 64, 64) and not item["query_ignore"].any()  # scenes ignore nothing
     assert episodes.sample(3) == FewShotEpisodes(scenes, [0, 1, 2], shots=2, episodes=10, seed=5).sample(3)
 
 
@@ -184,7 +186,7 @@ def test_module_logs_the_protocol_scores_over_all_episodes() -> None:
     logged = trainer.test(module, data, verbose=False)[0]
     expected = FewShotIoU(20)
     for batch in data.test_dataloader():  # 4 batches, the last of one episode
-        expected.update(module.predict_masks(batch), batch["query_mask"], batch["class_id"])
+        expected.update(module.predict_masks(batch), batch["query_mask"], batch["class_id"], batch["query_ignore"])
     scores = expected.compute()
     assert logged["test/miou"] == pytest.approx(float(scores["miou"]), abs=1e-6)
     assert logged["test/fbiou"] == pytest.approx(float(scores["fbiou"]), abs=1e-6)
