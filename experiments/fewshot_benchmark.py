@@ -49,16 +49,9 @@ from difffeat.extract import FeatureExtractor
 from difffeat.readout import PerPixel
 from difffeat.store import atomic_write
 from experiments.probe_digits import ROOT, ensure_backbone, write_readme_table
-from heads.fewshot import (
-    DiffewS,
-    FeatureCache,
-    FewShotIoU,
-    FewShotSegmentationModule,
-    Predictor,
-    PrototypeSegmenter,
-    dense_features,
-    episode_masks,
-)
+from heads.fewshot import FeatureCache, FewShotIoU, Predictor, dense_features, episode_masks
+from heads.fewshot_diffews import DiffewS, DiffewSModule
+from heads.fewshot_prototype import PrototypeSegmenter
 
 RESULTS = ROOT / "experiments" / "results"
 CACHE = ROOT / ".cache" / "difffeat" / "fewshot"
@@ -145,7 +138,7 @@ def diffews_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) ->
     """Fine-tunes DiffewS on 1-shot base-class episodes of a fold, then evaluates it on the novel ones;
     its weights are kept in ``{CACHE}/{tag}.safetensors``."""
     L.seed_everything(0, verbose=False)
-    module = FewShotSegmentationModule(method="diffews", backbone=backbone, lr=args.lr)
+    module = DiffewSModule(backbone=backbone, lr=args.lr)
     data = FewShotDataModule(fold=fold, shots=1, size=SIZE, train_scenes=args.train_scenes,
                              train_episodes=args.train_steps * args.batch_size, batch_size=args.batch_size)
     trainer = L.Trainer(accelerator="cpu", max_steps=args.train_steps, max_epochs=-1, logger=False,
