@@ -9,8 +9,15 @@ difffeat speaks of two timestep conventions and converts between them nowhere el
 * **Continuous** ``t ∈ [0, 1]`` for interpolant (flow / SiT) objectives, where ``t = 0`` is data and
   ``t = 1`` is pure noise: ``x_t = (1 - t) x + t ε``.
 
-Noise is drawn per sample from a generator seeded by ``(seed, sample index, ensemble member)``, so
-a sample's features never depend on the batch it happens to be in nor on the order of the data.
+Noise is drawn per sample from a generator seeded by ``(seed, sample key, ensemble member)``, so a
+sample's features never depend on the batch it happens to be in nor on the order of the data. Two rules
+give the sample key (:data:`NOISE_RULES`):
+
+* ``"index"`` (default): the sample's dataset index. Features are reproducible given the dataset order;
+  the same image at two indices gets two noise draws.
+* ``"content"``: a hash of the image's bytes (:func:`content_keys`). The same image gets the same noise
+  wherever it appears, which episodic evaluation needs: an image that is a support in one episode and a
+  query in another, or seen in several batches, must not change features with the episode.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import torch
 __all__ = [
     "FlowSchedule",
     "NoiseSchedule",
+    "NOISE_RULES",
+    "content_keys",
     "flow_interpolate",
     "sample_seed",
     "seeded_noise",
@@ -71,6 +80,13 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         """``T``: timesteps are the integers ``0 … T-1``."""
         return len(self.alphas_cumprod)
+
+    def spec(self) -> dict[str, Any]:
+        """What about the schedule changes a feature: its kind, prediction type and every ᾱ_t (digest)."""
+        from difffeat.digest import tensor_digest
+
+        return {"kind": "ddpm", "prediction_type": self.prediction_type,
+                "alphas_cumprod": tensor_digest(self.alphas_cumprod)}
 
     def validate(self, timesteps: Sequence[int]) -> list[int]:
         """Checks that every timestep is an integer index in ``[0, T-1]``.
@@ -125,6 +141,9 @@ class FlowSchedule(NoiseSchedule):
     def num_train_timesteps(self) -> int:
         return self.T
 
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "flow", "prediction_type": self.prediction_type, "num_train_timesteps": self.T}
+
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return flow_interpolate(x, noise, t.double() / self.T)
 
@@ -161,3 +180,17 @@ def seeded_noise(shape: Sequence[int], indices: Sequence[int], seed: int, member
         gen.manual_seed(sample_seed(seed, int(i), member))
         rows.append(torch.randn(tuple(shape), generator=gen, dtype=torch.float32))
     return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+#: how a sample's noise key is chosen: its dataset index, or a hash of its content
+NOISE_RULES = ("index", "content")
+
+
+def content_keys(images: torch.Tensor) -> list[int]:
+    """One 63-bit key per image from its bytes (shape and dtype included), for the ``"content"`` rule."""
+    keys = []
+    for x in images.detach().cpu().contiguous():
+        h = hashlib.blake2b(f"{tuple(x.shape)}:{x.dtype}".encode(), digest_size=8)
+        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        keys.append(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
+    return keys

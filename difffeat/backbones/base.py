@@ -8,7 +8,6 @@ module names matter here.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from difffeat.digest import tensor_digest
 from difffeat.noise import NoiseSchedule
 
-__all__ = ["LOAD_KWARGS", "Backbone", "FeatureInfo", "check_images"]
+__all__ = ["LOAD_KWARGS", "Backbone", "FeatureInfo", "check_images", "to_model_range"]
 
 #: how every diffusers model is loaded: never from the network; plain loading (the low-memory path needs
 #: the optional ``accelerate`` package and only matters for checkpoints larger than RAM)
@@ -61,29 +61,72 @@ class _StopForward(Exception):
     """Raised by the hook on the deepest tap to end the forward early (never escapes ``tap``)."""
 
 
-def _as_tensor(output: Any) -> torch.Tensor:
-    """The hidden state of a block's output: blocks return tensors, tuples or output dataclasses."""
+def _as_tensor(output: Any, stream: int = 0) -> torch.Tensor:
+    """One hidden state of a block's output: blocks return tensors, tuples or output dataclasses; for a
+    tuple, ``stream`` says which element (joint text-image blocks return ``(text, image)``)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple | list):
-        return _as_tensor(output[0])
+        if not -len(output) <= stream < len(output):
+            raise IndexError(f"stream {stream} asked of a block output with {len(output)} elements")
+        return _as_tensor(output[stream])
     if hasattr(output, "sample"):
         return output.sample
     raise TypeError(f"cannot read a tensor from a module output of type {type(output).__name__}")
 
 
-def check_images(x: torch.Tensor, channels: int, what: str = "images") -> None:
-    """Raises a clear error for a batch that is not ``(B, channels, H, W)`` of finite values."""
+def to_model_range(x: torch.Tensor, input_range: tuple[float, float]) -> torch.Tensor:
+    """Maps values in ``input_range`` (``(0, 1)``, ``(0, 255)``, …) linearly onto ``[-1, 1]``."""
+    lo, hi = (float(v) for v in input_range)
+    if not hi > lo:
+        raise ValueError(f"input_range must be (low, high) with high > low, got {input_range}")
+    return (x.float() - lo) * (2.0 / (hi - lo)) - 1.0
+
+
+#: how far outside ``[-1, 1]`` image values may stray (resampling overshoot) before they are refused
+RANGE_TOLERANCE = 1e-2
+
+
+def check_images(x: Any, channels: int, what: str = "images", value_range: tuple[float, float] | None = (-1, 1)
+                 ) -> None:
+    """Raises a clear error, before any work, for a batch the backbone cannot take.
+
+    Args:
+        x: the batch, expected ``(B, channels, H, W)`` floating point.
+        channels: the channel count the backbone expects.
+        what: how the batch is named in messages.
+        value_range: the expected value range (``None`` for latents, which have none).
+
+    Raises:
+        TypeError: not a tensor (a NumPy array, a list) or not floating point (``uint8`` images).
+        ValueError: an empty batch, not 4-D, channels last, the wrong channel count, NaN/Inf values, or
+            values outside ``value_range``.
+    """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        hint = " (convert with torch.from_numpy(a).permute(0, 3, 1, 2) for HWC arrays)" if hasattr(x, "shape") else ""
+        raise TypeError(f"{what} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}{hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} have dtype {x.dtype}; expected floating point in [-1, 1]. Convert uint8 images "
+                        f"with x.float() / 127.5 - 1, or pass input_range=(0, 255) to the extractor")
     if x.ndim != 4:
         raise ValueError(f"{what} must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} are an empty batch (shape {tuple(x.shape)}); give at least one image")
     if x.shape[1] != channels:
+        hint = (" — they look channels-last (B, H, W, C): use x.permute(0, 3, 1, 2)"
+                if x.shape[-1] == channels else "")
         raise ValueError(f"{what} have {x.shape[1]} channels (shape {tuple(x.shape)}), but the backbone "
-                         f"expects {channels}")
+                         f"expects {channels}{hint}")
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{what} contain NaN or Inf values (batch rows {bad[:10]})")
+    if value_range is not None:
+        lo, hi = value_range
+        x_min, x_max = float(x.min()), float(x.max())
+        if x_min < lo - RANGE_TOLERANCE or x_max > hi + RANGE_TOLERANCE:
+            guess = "(0, 255)" if x_max > 2 else "(0, 1)"
+            raise ValueError(f"{what} have values in [{x_min:.3g}, {x_max:.3g}], but the backbone expects "
+                             f"[{lo}, {hi}]; rescale them, or pass input_range={guess} to the extractor")
 
 
 class Backbone(nn.Module):
@@ -105,6 +148,10 @@ class Backbone(nn.Module):
     model_class: str = ""
     #: the noise schedule assumed when a checkpoint ships no scheduler config
     default_scheduler: dict[str, Any] = {}  # noqa: RUF012 (read-only class default)
+    #: which element a tap reads where a block returns several streams, by tap-name prefix (the longest
+    #: matching prefix wins; default element 0). A joint text-image block returning ``(text, image)``
+    #: sets ``{"transformer_blocks": 1}``.
+    output_streams: dict[str, int] = {}  # noqa: RUF012 (read-only class default)
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, vae: nn.Module | None = None,
                  name: str = "", pipeline_dir: str | Path | None = None) -> None:
@@ -115,6 +162,9 @@ class Backbone(nn.Module):
         self.schedule = schedule
         self.name = name or type(model).__name__
         self.selfcond: nn.Module | None = None
+        #: ``"images"`` (pixels or VAE input, checked to lie in ``[-1, 1]``) or ``"latents"`` (a latent
+        #: denoiser used without its VAE: no range). Pixel denoisers have 1 or 3 channels.
+        self.inputs = "images" if vae is not None or self.latent_channels in (1, 3) else "latents"
         self._feature_info: dict[str, FeatureInfo] | None = None
 
     def set_self_conditioning(self, selfcond: nn.Module | None) -> Backbone:
@@ -187,7 +237,7 @@ class Backbone(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (in ``[-1, 1]``) to the denoiser's input space; checks shape and values first."""
-        check_images(images, self.image_channels)
+        check_images(images, self.image_channels, value_range=(-1, 1) if self.inputs == "images" else None)
         if self.vae is None:
             return images
         latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
@@ -215,7 +265,7 @@ class Backbone(nn.Module):
 
         def make_hook(name: str):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                found[name] = _as_tensor(output)
+                found[name] = self.read_output(name, output)
                 if name == last and len(found) == len(modules):
                     raise _StopForward
 
@@ -251,7 +301,7 @@ class Backbone(nn.Module):
 
         def make_hook(name: str):
             def hook(_m: nn.Module, _i: Any, output: Any) -> None:
-                seen[name] = _as_tensor(output)
+                seen[name] = self.read_output(name, output)
                 order.append(name)
 
             return hook
@@ -284,11 +334,43 @@ class Backbone(nn.Module):
             raise ValueError(f"{num_tokens} tokens do not form a square grid")
         return side, side
 
+    def read_output(self, name: str, output: Any) -> torch.Tensor:
+        """The tensor tap ``name`` reads from its module's output (the stream :attr:`output_streams` names)."""
+        prefixes = [p for p in self.output_streams if name == p or name.startswith(p + ".")]
+        return _as_tensor(output, self.output_streams[max(prefixes, key=len)] if prefixes else 0)
+
     def weights_digest(self) -> str:
-        """SHA-256 over every parameter and buffer (names, shapes, dtypes, bytes): the store's model key."""
-        h = hashlib.sha256()
-        for key, value in sorted(self.state_dict().items()):
-            v = value.detach().cpu().contiguous()
-            h.update(f"{key}:{tuple(v.shape)}:{v.dtype}".encode())
-            h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-        return h.hexdigest()
+        """SHA-256 over every parameter and persistent buffer (names, shapes, dtypes, bytes)."""
+        return tensor_digest(self.state_dict())
+
+    def condition_spec(self) -> dict[str, Any]:
+        """The fixed condition the denoiser sees when none is passed (class label, prompt embedding):
+        adapters with one override this."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        """A complete, declarative description of everything about the backbone that changes a feature.
+
+        The denoiser's weights, its fixed condition (:meth:`condition_spec`, which covers non-persistent
+        buffers such as a prompt embedding), the noise schedule, the VAE (weights, scaling and shift) and
+        the attached plug-ins (their configs and weights), the compute dtype and the input convention.
+        Feature-store keys are built from it, so two backbones with equal specs give equal features.
+        """
+        param = next(self.model.parameters())
+        vae = None
+        if self.vae is not None:
+            cfg = self.vae.config
+            vae = {"class": type(self.vae).__name__, "weights": tensor_digest(self.vae.state_dict()),
+                   "scaling_factor": cfg.get("scaling_factor"), "shift_factor": cfg.get("shift_factor"),
+                   "dtype": str(next(self.vae.parameters()).dtype)}
+        plugins = {}
+        for child_name, child in self.named_children():
+            if child_name in ("model", "vae") or child is None:
+                continue
+            config = child.config() if callable(getattr(child, "config", None)) else {}
+            plugins[child_name] = {"class": type(child).__name__, "config": config,
+                                   "weights": tensor_digest(child.state_dict())}
+        return {"adapter": type(self).__name__, "model_class": type(self.model).__name__,
+                "weights": tensor_digest(self.model.state_dict()), "dtype": str(param.dtype),
+                "condition": self.condition_spec(), "schedule": self.schedule.spec(), "vae": vae,
+                "plugins": plugins, "inputs": self.inputs}

@@ -43,6 +43,9 @@ class DiTBackbone(Backbone):
         """The label of the unconditional (dropped-label) embedding."""
         return int(self.model.config.num_embeds_ada_norm)
 
+    def condition_spec(self) -> dict[str, Any]:
+        return {"class_label": self.class_label}
+
     def tap_names(self) -> list[str]:
         return ["pos_embed"] + [f"transformer_blocks.{i}" for i in range(len(self.model.transformer_blocks))]
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from difffeat.backbones.base import Backbone
 from difffeat.backbones.registry import register_adapter
+from difffeat.digest import tensor_digest
 
 __all__ = ["UNet2DBackbone", "UNet2DConditionBackbone", "unet_tap_names"]
 
@@ -55,6 +56,9 @@ class UNet2DBackbone(Backbone):
 
     def tap_names(self) -> list[str]:
         return unet_tap_names(self.model)
+
+    def condition_spec(self) -> dict[str, Any]:
+        return {"class_label": self.class_label} if self.model.config.num_class_embeds is not None else {}
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         labels = None
@@ -112,6 +116,10 @@ class UNet2DConditionBackbone(Backbone):
 
     def tap_names(self) -> list[str]:
         return unet_tap_names(self.model)
+
+    def condition_spec(self) -> dict[str, Any]:
+        # a non-persistent buffer, so outside the weights digest: the prompt is keyed here
+        return {"encoder_hidden_states": tensor_digest(self.encoder_hidden_states)}
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         ehs = cond if cond is not None else self.encoder_hidden_states
