@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 __all__ = [
+    "NOISE_RULES",
     "FlowSchedule",
     "NoiseSchedule",
-    "NOISE_RULES",
     "content_keys",
     "flow_interpolate",
     "sample_seed",

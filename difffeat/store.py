@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from difffeat.digest import spec_key, tensor_digest
 
-__all__ = ["FeatureStore", "StoreDataset", "StoreError", "atomic_write", "spec_key", "spec_diff"]
+__all__ = ["FeatureStore", "StoreDataset", "StoreError", "atomic_write", "spec_diff", "spec_key"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
