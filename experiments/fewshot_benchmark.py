@@ -59,7 +59,7 @@ CACHE = ROOT / ".cache" / "difffeat" / "fewshot"
 SETTINGS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot vote", 5, True))
 CONTROL = "1-shot, another episode's support"
 #: bumped when a runner's output changes, so that cached (arm, fold) results are recomputed
-VERSIONS = {"prototype_arm": 1, "diffews_arm": 2}
+VERSIONS = {"prototype_arm": 1, "diffews_arm": 3}
 CANDIDATE_T = (10, 50, 200)
 SIZE = 64
 EXAMPLES = 4  # fold-0 1-shot episodes drawn in the figure

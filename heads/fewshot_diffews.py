@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from difffeat.backbones.attention import DualConvIn, KVFusion
@@ -32,8 +32,8 @@ class DiffewS(nn.Module):
     At pixel scale (no VAE) the paper's one-step prediction of the mask *latent* with a v-prediction
     model at ᾱ = 0 becomes: the query image is the network input at a fixed timestep, and a new
     one-channel output convolution (initialised with the mean of the original output filters) gives mask
-    logits, trained with binary cross-entropy plus Dice. The mask is not noised: at ᾱ = 0 the paper's
-    noisy mask input carries no information.
+    logits, trained with binary cross-entropy plus Dice (:func:`mask_loss`). The mask is not noised: at
+    ᾱ = 0 the paper's noisy mask input carries no information.
 
     Args:
         backbone: a pixel-space ``UNet2DConditionModel`` adapter (e.g. ``sd-unet-scenes``) or folder;
@@ -93,12 +93,34 @@ class DiffewS(nn.Module):
         return self(support, support_mask, query) > 0
 
 
-def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy plus soft Dice (per episode, averaged)."""
+#: target value SMP's losses skip (its own SoftBCEWithLogitsLoss default); ignored pixels get it
+_IGNORE = -100
+_DICE = smp.losses.DiceLoss(mode="binary", from_logits=True, ignore_index=_IGNORE)
+_BCE = smp.losses.SoftBCEWithLogitsLoss(ignore_index=_IGNORE, reduction="sum")
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice, SMP's (``SoftBCEWithLogitsLoss`` + ``DiceLoss(mode="binary")``).
+
+    Ignored pixels are left out of both terms: they are masked out of Dice's sums, and the cross-entropy
+    is averaged over the valid pixels only (SMP's own mean would also divide by the ignored ones, so a
+    batch with a wide boundary band would weigh less). Dice is SMP's, aggregated over the whole batch.
+
+    Args:
+        logits: mask logits ``(E, H, W)``.
+        target: binary query masks ``(E, H, W)``.
+        ignore: pixels to leave out ``(E, H, W)`` (e.g. PASCAL's 255 boundary), or ``None``.
+
+    Returns:
+        The scalar loss.
+    """
     target = target.float()
-    prob = logits.sigmoid()
-    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
+    if ignore is None:
+        valid = torch.ones_like(target, dtype=torch.bool)
+    else:
+        valid = ~ignore.bool()
+        target = torch.where(valid, target, torch.full_like(target, _IGNORE))
+    return _DICE(logits, target) + _BCE(logits, target) / valid.sum().clamp(min=1)
 
 
 class DiffewSModule(FewShotModule):
@@ -120,9 +142,9 @@ class DiffewSModule(FewShotModule):
         self.model = DiffewS(backbone, timestep)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """:func:`mask_loss` of the query masks of a batch of episodes."""
+        """:func:`mask_loss` of the query masks of a batch of episodes, ignored pixels left out."""
         logits = self.model(batch["support"], batch["support_mask"], batch["query"])
-        loss = mask_loss(logits, batch["query_mask"])
+        loss = mask_loss(logits, batch["query_mask"], batch.get("query_ignore"))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

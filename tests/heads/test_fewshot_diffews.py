@@ -24,3 +24,55 @@ def test_diffews_predicts_one_mask_per_episode_and_checks_its_input() -> None:
         model(support, masks, torch.rand(2, 1, 64, 64))
     with pytest.raises(ValueError, match="1 channels .* expects 3"):
         model(support[:, :, :1], masks, torch.rand(2, 1, 64, 64))
+
+
+def _logits_and_target(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.rand(3, 8, 8, generator=gen) > 0.6
+    return torch.randn(3, 8, 8, generator=gen) * 3, target
+
+
+def test_mask_loss_is_smp_dice_plus_soft_bce() -> None:
+    import segmentation_models_pytorch as smp
+
+    logits, target = _logits_and_target()
+    expected = (smp.losses.DiceLoss(mode="binary", from_logits=True)(logits, target.float())
+                + smp.losses.SoftBCEWithLogitsLoss()(logits, target.float()))
+    torch.testing.assert_close(mask_loss(logits, target), expected)
+
+
+def test_mask_loss_leaves_ignored_pixels_out() -> None:
+    import segmentation_models_pytorch as smp
+
+    logits, target = _logits_and_target(1)
+    ignore = torch.zeros_like(target)
+    ignore[:, 6:] = True  # PASCAL's boundary band, say
+    target &= ~ignore
+    logits.requires_grad_(True)
+    loss = mask_loss(logits, target, ignore)
+    loss.backward()
+    assert torch.count_nonzero(logits.grad[ignore]) == 0  # nothing learnt from ignored pixels
+    # the same as the loss over the valid pixels alone: not diluted by the ignored ones
+    valid_logits = logits.detach()[:, :6].reshape(3, 1, -1)
+    valid_target = target[:, :6].reshape(3, 1, -1).float()
+    expected = (smp.losses.DiceLoss(mode="binary", from_logits=True)(valid_logits, valid_target)
+                + smp.losses.SoftBCEWithLogitsLoss()(valid_logits, valid_target))
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_diffews_module_trains_on_the_valid_query_pixels(monkeypatch) -> None:
+    from heads.fewshot_diffews import DiffewSModule
+
+    module = DiffewSModule("sd-unet-scenes")
+    logits, target = _logits_and_target(2)
+    ignore = torch.zeros_like(target)
+    ignore[:, :, :2] = True
+    target &= ~ignore
+
+    class Fixed(torch.nn.Module):  # stands in for DiffewS: the loss, not the network, is under test
+        def forward(self, *_):
+            return logits
+
+    monkeypatch.setattr(module, "model", Fixed())
+    batch = {"support": None, "support_mask": None, "query": None, "query_mask": target, "query_ignore": ignore}
+    torch.testing.assert_close(module.training_step(batch, 0), mask_loss(logits, target, ignore))
