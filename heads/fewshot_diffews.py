@@ -89,7 +89,16 @@ class DiffewS(nn.Module):
             return self.backbone(query, t[:e])[:, 0]
 
     def predict(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Binary masks ``(E, H, W)`` (logit > 0) of a batch of episodes (see :data:`~heads.fewshot.Predictor`)."""
+        """Binary query masks of a batch of episodes (a :data:`~heads.fewshot.Predictor`).
+
+        Args:
+            support: ``(E, k, C, H, W)``.
+            support_mask: ``(E, k, H, W)``.
+            query: ``(E, C, H, W)``.
+
+        Returns:
+            ``(E, H, W)`` bool: logit > 0.
+        """
         return self(support, support_mask, query) > 0
 
 

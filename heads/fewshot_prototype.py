@@ -75,7 +75,16 @@ class PrototypeSegmenter(nn.Module):
         return F.interpolate(sim, size=query.shape[-2:], mode="bilinear", align_corners=False)
 
     def predict(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Binary masks ``(E, H, W)`` of a batch of episodes (see :data:`~heads.fewshot.Predictor`)."""
+        """Binary query masks of a batch of episodes (a :data:`~heads.fewshot.Predictor`).
+
+        Args:
+            support: ``(E, k, C, H, W)``.
+            support_mask: ``(E, k, H, W)``.
+            query: ``(E, C, H, W)``.
+
+        Returns:
+            ``(E, H, W)`` bool: foreground where its score beats the background's.
+        """
         return torch.stack([self(support[e], support_mask[e], query[e:e + 1])[0].argmax(0).bool()
                             for e in range(len(query))])
 

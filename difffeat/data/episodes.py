@@ -19,9 +19,16 @@ __all__ = ["FewShotDataModule", "FewShotEpisodes", "class_index"]
 
 
 def class_index(dataset: Dataset, classes: Sequence[int]) -> dict[int, list[int]]:
-    """Images per class: ``{class id: [dataset indices whose semantic map holds it]}``.
+    """Images per class.
 
     Reads each item's ``labels`` (object classes); the semantic map uses ``class id + 1``.
+
+    Args:
+        dataset: items with ``labels``.
+        classes: the class ids to index.
+
+    Returns:
+        ``{class id: [dataset indices whose item lists it]}``, every asked class present.
     """
     wanted = set(classes)
     index: dict[int, list[int]] = {c: [] for c in classes}
@@ -72,7 +79,14 @@ class FewShotEpisodes(Dataset):
         return self.episodes
 
     def sample(self, episode: int) -> tuple[int, int, list[int]]:
-        """``(class id, query index, support indices)`` of an episode."""
+        """Draws an episode's class and images (a pure function of the seed and ``episode``).
+
+        Args:
+            episode: episode index.
+
+        Returns:
+            ``(class id, query index, support indices)`` in the dataset.
+        """
         rng = np.random.default_rng([self.seed, episode])
         c = self.classes[int(rng.integers(len(self.classes)))]
         pool = self.index[c]
@@ -82,6 +96,11 @@ class FewShotEpisodes(Dataset):
         return c, query, supports
 
     def __getitem__(self, episode: int) -> dict[str, Any]:
+        """The episode's images and binary masks (see the class docstring for the keys).
+
+        Raises:
+            IndexError: ``episode`` outside ``0 … episodes-1``.
+        """
         if not 0 <= episode < self.episodes:
             raise IndexError(f"episode {episode} out of range for {self.episodes} episodes")
         c, query, supports = self.sample(episode)
@@ -140,10 +159,13 @@ class FewShotDataModule(L.LightningDataModule):
         return FewShotEpisodes(scenes, self.novel, self.shots, self.test_episodes, self.seed + 1000)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled base-class episodes."""
         return DataLoader(self._episodes(True), self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
+        """Novel-class episodes, in order."""
         return DataLoader(self._episodes(False), self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
+        """The validation episodes (nothing is selected on them)."""
         return self.val_dataloader()

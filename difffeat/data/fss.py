@@ -15,8 +15,10 @@ COCO-20i::
 Novel classes of fold ``i``: PASCAL ``5i … 5i+4``; COCO ``i, i+4, …, i+76`` (interleaved, as HSNet).
 Items follow the scene benchmark's format (``image`` in ``[-1, 1]`` resized to ``size``, ``semantic`` =
 class id + 1, ``labels`` = the classes the split lists for that image, ``ignore`` = boundary pixels), so
-:class:`~difffeat.data.episodes.FewShotEpisodes` draws episodes from either. The ``.pkl`` splits are read
-with an unpickler that refuses every class: plain dicts, lists, strings and numbers only, never code.
+:class:`~difffeat.data.episodes.FewShotEpisodes` draws episodes from either, and carries ``ignore`` as the
+query's ``query_ignore`` to the metric and the loss (HSNet leaves these pixels out of its evaluation).
+The ``.pkl`` splits are read with an unpickler that refuses every class: plain dicts, lists, strings and
+numbers only, never code.
 """
 
 from __future__ import annotations
@@ -36,7 +38,18 @@ __all__ = ["FSSFolder", "coco20i", "fold_class_ids", "pascal5i"]
 
 
 def fold_class_ids(benchmark: str, fold: int) -> list[int]:
-    """Novel (test) class ids of a fold, 0-based."""
+    """Novel (test) class ids of a fold.
+
+    Args:
+        benchmark: ``"pascal"`` or ``"coco"``.
+        fold: 0 … 3.
+
+    Returns:
+        The fold's novel class ids, 0-based.
+
+    Raises:
+        KeyError: an unknown benchmark (the valid names listed).
+    """
     if benchmark == "pascal":
         return list(range(5 * fold, 5 * fold + 5))
     if benchmark == "coco":
@@ -56,6 +69,10 @@ class FSSFolder(Dataset):
         entries: ``(image path, mask path, class ids)`` per image.
         size: side every image and mask is resized to (bilinear / nearest).
         fingerprint: identity of the split (stores are keyed by it).
+
+    Raises:
+        ValueError: no entries.
+        FileNotFoundError: listed images or masks are missing (the count and the first few named).
     """
 
     def __init__(self, entries: list[tuple[Path, Path, list[int]]], size: int = 400, fingerprint: str = "") -> None:
@@ -70,6 +87,19 @@ class FSSFolder(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """One image.
+
+        Args:
+            i: dataset index.
+
+        Returns:
+            ``image`` ``(3, size, size)`` in ``[-1, 1]``, ``semantic`` ``(size, size)`` (class id + 1,
+            0 on background and on ignored pixels), ``ignore`` ``(size, size)`` bool (the mask's 255),
+            ``labels`` (the split's classes of the image) and ``index``.
+
+        Raises:
+            ValueError: the mask is not a class-index image of the image's size.
+        """
         image_path, mask_path, classes = self.entries[i]
         image = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"), np.float32) / 127.5 - 1)
         mask = torch.from_numpy(np.asarray(Image.open(mask_path), np.int64))
@@ -92,7 +122,21 @@ def _group(pairs: list[tuple[str, int]]) -> dict[str, list[int]]:
 
 
 def pascal5i(root: str | Path, fold: int, split: str = "val", size: int = 400) -> FSSFolder:
-    """PASCAL-5i images of one fold and split (``"trn"`` or ``"val"``)."""
+    """PASCAL-5i images of one fold and split.
+
+    Args:
+        root: the HSNet-layout folder (see the module docstring).
+        fold: 0 … 3.
+        split: ``"trn"`` or ``"val"``.
+        size: side images and masks are resized to.
+
+    Returns:
+        The dataset; each image lists every class the split pairs it with.
+
+    Raises:
+        FileNotFoundError: the split file or listed images are missing.
+        ValueError: a split line not of the form ``<name>__<class>`` (file and line named).
+    """
     root = Path(root)
     listing = root / "splits" / "pascal" / split / f"fold{fold}.txt"
     if not listing.exists():
@@ -109,7 +153,22 @@ def pascal5i(root: str | Path, fold: int, split: str = "val", size: int = 400) -
 
 
 def coco20i(root: str | Path, fold: int, split: str = "val", size: int = 400) -> FSSFolder:
-    """COCO-20i images of one fold and split (``"trn"`` or ``"val"``)."""
+    """COCO-20i images of one fold and split.
+
+    Args:
+        root: the HSNet-layout folder (see the module docstring).
+        fold: 0 … 3.
+        split: ``"trn"`` or ``"val"``.
+        size: side images and masks are resized to.
+
+    Returns:
+        The dataset; each image lists every class the split pairs it with.
+
+    Raises:
+        FileNotFoundError: the split file or listed images are missing.
+        pickle.UnpicklingError: the split file refers to any class (only plain data is read).
+        ValueError: the split file does not hold a dict.
+    """
     root = Path(root)
     listing = root / "splits" / "coco" / split / f"fold{fold}.pkl"
     if not listing.exists():
