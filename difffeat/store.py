@@ -251,7 +251,8 @@ class StoreDataset(IterableDataset):
         store: a :class:`FeatureStore` or its folder.
         names: the tensors to read (features and the labels/masks stored beside them); default all.
         shuffle: shuffle shard order and samples within a shard each epoch.
-        seed: base seed of the shuffle; call :meth:`set_epoch` for a new order every epoch.
+        seed: base seed of the shuffle. Each pass over the dataset advances its epoch, so every epoch
+            gets a new order; with DataLoader workers (which iterate copies) call :meth:`set_epoch`.
         dtype: cast floating-point tensors to this dtype (float16/bfloat16 stores train in float32).
         where: optional ``(name, value)``: only samples whose tensor ``name`` equals ``value`` (e.g.
             ``("split", 0)`` for the training split).
@@ -303,7 +304,9 @@ class StoreDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         read = list(dict.fromkeys([*self.names, *([self.where[0]] if self.where else [])]))
-        for k in self._my_shards():
+        shards = self._my_shards()
+        self.epoch += 1
+        for k in shards:
             shard = self.store.read_shard(k, read)
             if self.dtype is not None:
                 shard = {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in shard.items()}
@@ -311,7 +314,7 @@ class StoreDataset(IterableDataset):
             if self.where is not None:
                 rows = (shard[self.where[0]] == self.where[1]).nonzero().flatten()
             if self.shuffle:
-                gen = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch + 7919 * (k + 1))
+                gen = torch.Generator().manual_seed(self.seed + 1_000_003 * (self.epoch - 1) + 7919 * (k + 1))
                 rows = rows[torch.randperm(len(rows), generator=gen)]
             for r in rows.tolist():
                 yield {n: shard[n][r] for n in self.names}

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from difffeat.extract import FeatureExtractor
 from difffeat.readout import Readout
+from difffeat.store import FeatureStore
+from heads.base import FrozenFeatureModule
 
 __all__ = [
     "LDAProbe",
@@ -418,80 +419,66 @@ def lda_accuracies(probes: Mapping[str, LDAProbe], feats: Mapping[str, torch.Ten
     return {n: (p(feats[n]).argmax(1) == y).double().mean().item() for n, p in probes.items()}
 
 
-class LinearProbeModule(L.LightningModule):
+class LinearProbeModule(FrozenFeatureModule):
     """A linear classifier on frozen diffusion features (layers × timesteps concatenated).
 
-    The backbone never trains: ``requires_grad_(False)``, put back in eval mode every epoch, features
-    computed under ``inference_mode``. Features are normalised by a non-affine batch norm (running
-    statistics), the online counterpart of the standardisation used by :func:`probe_store`.
+    Built on :class:`~heads.base.FrozenFeatureModule`: the backbone never trains, and features come
+    online (``backbone``, ``layers``, ``timesteps``) or from a feature store (``store``, with a
+    :class:`~difffeat.data.StoreDataModule`). Features are normalised by a non-affine batch norm
+    (running statistics), the online counterpart of the standardisation used by :func:`probe_store`.
 
     Args:
-        backbone: a registered name, a local diffusers folder or a cached hub id.
-        layers: tap names.
-        timesteps: DDPM indices (0 = least noise).
+        backbone: a registered name, a local diffusers folder or a cached hub id (online features).
+        layers: tap names (or a filter on stored ones).
+        timesteps: DDPM indices, 0 = least noise (or a filter on stored ones).
         readout: how each tap becomes a vector (default global average).
         ensemble: noise draws averaged per feature.
         num_classes: classes.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        store: a feature-store folder to read features from instead of a backbone.
     """
 
-    def __init__(self, backbone: str, layers: list[str], timesteps: list[int], readout: Readout | None = None,
-                 ensemble: int = 1, num_classes: int = 10, lr: float = 1e-2, weight_decay: float = 1e-4) -> None:
-        super().__init__()
-        self.extractor = FeatureExtractor.from_name(backbone, layers, timesteps, readout=readout, ensemble=ensemble)
-        dim = self._feature_dim()
+    def __init__(self, backbone: str | None = None, layers: list[str] | None = None,
+                 timesteps: list[int] | None = None, readout: Readout | None = None, ensemble: int = 1,
+                 num_classes: int = 10, lr: float = 1e-2, weight_decay: float = 1e-4,
+                 store: str | None = None) -> None:
+        super().__init__(backbone, layers, timesteps, readout=readout, ensemble=ensemble, store=store)
+        dim = self._feature_dim(store)
         self.norm = nn.BatchNorm1d(dim, affine=False)
         self.head = nn.Linear(dim, num_classes)
         self.lr, self.weight_decay = lr, weight_decay
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def _feature_dim(self) -> int:
+    def _feature_dim(self, store: str | None) -> int:
+        if store is not None:
+            shard = FeatureStore.open(store).read_shard(0, self.feature_names)
+            return sum(shard[n][0].numel() for n in self.feature_names)
         backbone = self.extractor.backbone
         x = torch.zeros(1, backbone.image_channels, backbone.image_size, backbone.image_size)
-        return self.features(x, torch.zeros(1, dtype=torch.long)).shape[1]
+        return self.vector({"image": x, "index": torch.zeros(1, dtype=torch.long)}).shape[1]
 
-    def features(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Concatenated, flattened features (computed without grad).
+    def vector(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Concatenated, flattened features ``(B, D)`` of a batch."""
+        feats = self.features(batch)
+        return torch.cat([feats[n].flatten(1) for n in self.feature_names], 1)
 
-        Args:
-            images: ``(B, C, H, W)`` images.
-            indices: ``(B,)`` dataset indices (they seed the noise).
-
-        Returns:
-            ``(B, D)`` features.
-        """
-        feats = self.extractor(images, indices)
-        return torch.cat([f.flatten(1) for f in feats.values()], 1).clone()
-
-    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Class logits.
-
-        Args:
-            images: ``(B, C, H, W)`` images.
-            indices: ``(B,)`` dataset indices.
-
-        Returns:
-            ``(B, classes)`` logits.
-        """
-        return self.head(self.norm(self.features(images, indices)))
-
-    def on_train_epoch_start(self) -> None:
-        """Puts the backbone back in eval mode (dropout off, norm statistics fixed)."""
-        self.extractor.backbone.eval()  # frozen means frozen, whatever Lightning's train() did
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class logits ``(B, classes)`` of a batch (``image`` and ``index``, or stored features)."""
+        return self.head(self.norm(self.vector(batch)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Cross-entropy of the head on one batch.
 
         Args:
-            batch: ``image``, ``index`` and ``label``.
+            batch: ``label`` and the images (``image``, ``index``) or the stored features.
             batch_idx: unused.
 
         Returns:
             The loss.
         """
-        logits = self(batch["image"], batch["index"])
+        logits = self(batch)
         loss = F.cross_entropy(logits, batch["label"])
         self.train_acc(logits, batch["label"])
         self.log_dict({"train/loss": loss, "train/acc": self.train_acc}, prog_bar=True)
@@ -501,10 +488,10 @@ class LinearProbeModule(L.LightningModule):
         """Accumulates validation accuracy.
 
         Args:
-            batch: ``image``, ``index`` and ``label``.
+            batch: as in :meth:`training_step`.
             batch_idx: unused.
         """
-        self.val_acc(self(batch["image"], batch["index"]), batch["label"])
+        self.val_acc(self(batch), batch["label"])
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -513,8 +500,7 @@ class LinearProbeModule(L.LightningModule):
         Returns:
             The optimiser.
         """
-        params = [p for n, p in self.named_parameters() if not n.startswith("extractor.")]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.head_parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 # ----------------------------------------------------------------------------- sweeps over stores

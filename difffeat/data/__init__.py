@@ -3,5 +3,6 @@
 ``fingerprint`` string that changes whenever its content does (feature stores are keyed by it)."""
 
 from difffeat.data.digits import DigitsDataModule, DigitsDataset, load_digits_split
+from difffeat.data.stored import StoreDataModule
 
-__all__ = ["DigitsDataModule", "DigitsDataset", "load_digits_split"]
+__all__ = ["DigitsDataModule", "DigitsDataset", "StoreDataModule", "load_digits_split"]
