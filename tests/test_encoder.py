@@ -14,7 +14,6 @@ from torchvision.ops import FeaturePyramidNetwork
 from difffeat.encoder import DiffusionEncoder
 
 
-
 @pytest.fixture(scope="module")
 def encoder() -> DiffusionEncoder:
     return DiffusionEncoder("unet2d-tiny", ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0"], 10,
