@@ -59,7 +59,7 @@ CACHE = ROOT / ".cache" / "difffeat" / "fewshot"
 SETTINGS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot vote", 5, True))
 CONTROL = "1-shot, another episode's support"
 #: bumped when a runner's output changes, so that cached (arm, fold) results are recomputed
-VERSIONS = {"prototype_arm": 1, "diffews_arm": 3}
+VERSIONS = {"prototype_arm": 2, "diffews_arm": 3}
 CANDIDATE_T = (10, 50, 200)
 SIZE = 64
 EXAMPLES = 4  # fold-0 1-shot episodes drawn in the figure
@@ -114,7 +114,7 @@ def prototype_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) 
     base = [c for c in range(len(CLASSES)) if c not in fold_classes(fold)]
     val = FewShotEpisodes(SceneDataset(args.val_scenes, SIZE, 0, classes=base), base, 1, args.val_episodes, seed=0)
     layers = block_outputs(model)
-    extractor = FeatureExtractor(model, layers, CANDIDATE_T, readout=PerPixel(args.feature_size))
+    extractor = FeatureExtractor(model, layers, CANDIDATE_T, readout=PerPixel(args.feature_size), noise="content")
     cache = FeatureCache(dense_features(extractor))
     offsets, start = {}, 0
     for layer in layers:  # concat_features order: layer-major, then timestep
@@ -128,7 +128,7 @@ def prototype_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) 
         val_miou[key] = evaluate(segmenter.predict, val, False, f"select {key}")[0]["miou"]
     layer, t = max(val_miou, key=val_miou.get)
     cache.store.clear()  # the candidates' features are no longer needed
-    extractor = FeatureExtractor(model, [layer], [t], readout=PerPixel(args.feature_size))
+    extractor = FeatureExtractor(model, [layer], [t], readout=PerPixel(args.feature_size), noise="content")
     segmenter = PrototypeSegmenter(FeatureCache(dense_features(extractor)))
     return {"tap": f"{layer}@t{t}", "val_miou": val_miou[(layer, t)],
             **evaluate_settings(segmenter.predict, fold, args.episodes)}

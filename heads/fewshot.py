@@ -13,7 +13,6 @@ Metric (exact protocol): over all episodes, foreground intersection and union ar
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from difffeat.extract import FeatureExtractor
+from difffeat.noise import content_keys
 from difffeat.readout import PerPixel, concat_features
 
 __all__ = ["FeatureCache", "FewShotIoU", "FewShotModule", "Predictor", "check_episode", "dense_features",
@@ -126,33 +126,30 @@ def dense_features(extractor: FeatureExtractor) -> Callable[..., torch.Tensor]:
 
 
 class FeatureCache:
-    """Remembers the features of every image seen, keyed by the image's bytes.
+    """Remembers the features of every image seen, keyed by the image's content.
 
     Episodes reuse images (a scene is the query of one episode and the support of others), so an
-    evaluation over many episodes computes each image's features once. The noise of an image's
-    extraction is seeded by its content digest, so its features do not depend on which episode or batch
-    first asked for them.
+    evaluation over many episodes computes each image's features once. ``features`` must give an image
+    the same features whatever batch it is in and wherever it sits in the data: an extractor with the
+    ``"content"`` noise rule of :mod:`difffeat.noise` (``FeatureExtractor(..., noise="content")``).
 
     Args:
-        features: ``(images, indices)`` → ``(N, C, h, w)`` (e.g. :func:`dense_features`).
+        features: ``images`` → ``(N, C, h, w)`` (e.g. :func:`dense_features` of such an extractor).
     """
 
-    def __init__(self, features: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.features = features
-        self.store: dict[bytes, torch.Tensor] = {}
+        self.store: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Features ``(N, C, h, w)`` of ``images`` ``(N, C, H, W)``, computing only the unseen ones."""
-        keys = [hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
-                for x in images]
+        keys = content_keys(images)
         missing = {k: i for i, k in enumerate(keys) if k not in self.store}  # dict: an image twice is computed once
         if missing:
-            rows = list(missing.values())
-            seeds = [int.from_bytes(k[:7], "little") for k in missing]
-            for k, f in zip(missing, self.features(images[rows], seeds), strict=True):
+            for k, f in zip(missing, self.features(images[list(missing.values())]), strict=True):
                 self.store[k] = f
         return torch.stack([self.store[k] for k in keys])
 
@@ -228,12 +225,14 @@ class FewShotModule(L.LightningModule):
         num_classes: class-id space of the metric.
         vote: k-shot by per-shot vote (k one-shot predictions, :func:`shot_vote`) instead of one native
             k-shot pass.
+        **kwargs: passed on to the next base (:class:`~heads.base.FrozenFeatureModule` for methods on
+            frozen features).
     """
 
     model: nn.Module
 
-    def __init__(self, num_classes: int = 20, vote: bool = False) -> None:
-        super().__init__()
+    def __init__(self, num_classes: int = 20, vote: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # a frozen-feature method passes its feature source on
         self.vote = vote
         self.val_iou, self.test_iou = FewShotIoU(num_classes), FewShotIoU(num_classes)
 

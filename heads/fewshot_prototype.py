@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difffeat.extract import FeatureExtractor
 from difffeat.readout import PerPixel
+from heads.base import FrozenFeatureModule
 from heads.fewshot import FewShotModule, check_episode, dense_features
 
 __all__ = ["PrototypeFewShotModule", "PrototypeSegmenter", "masked_average"]
@@ -89,8 +89,11 @@ class PrototypeSegmenter(nn.Module):
                             for e in range(len(query))])
 
 
-class PrototypeFewShotModule(FewShotModule):
+class PrototypeFewShotModule(FewShotModule, FrozenFeatureModule):
     """Evaluates the prototype baseline on episodes (``difffeat test``); it has no trainable parameter.
+
+    A :class:`~heads.base.FrozenFeatureModule` on online per-pixel features; their noise is seeded by
+    image content (an image's features do not depend on the episode that shows it).
 
     Args:
         backbone: backbone name or folder (any backbone whose taps give maps).
@@ -105,10 +108,7 @@ class PrototypeFewShotModule(FewShotModule):
     def __init__(self, backbone: str = "sd-unet-scenes", layers: list[str] | None = None,
                  timesteps: list[int] | None = None, feature_size: int = 16, scale: float = 20.0,
                  num_classes: int = 20, vote: bool = False) -> None:
-        super().__init__(num_classes, vote)
+        super().__init__(num_classes, vote, backbone=backbone, layers=layers or ["up_blocks.1"],
+                         timesteps=timesteps or [0], readout=PerPixel(feature_size), noise="content")
         self.save_hyperparameters()
-        from difffeat.backbones import create_backbone
-
-        self.extractor = FeatureExtractor(create_backbone(backbone), layers or ["up_blocks.1"], timesteps or [0],
-                                          readout=PerPixel(feature_size))  # registered, so it moves with the module
         self.model = PrototypeSegmenter(dense_features(self.extractor), scale)

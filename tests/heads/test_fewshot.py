@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from difffeat.backbones import create_backbone
 from difffeat.data.episodes import FewShotEpisodes
 from difffeat.data.scenes import SceneDataset
-from heads.fewshot import FeatureCache, FewShotIoU, episode_masks, shot_vote
+from difffeat.extract import FeatureExtractor
+from difffeat.readout import PerPixel
+from heads.fewshot import FeatureCache, FewShotIoU, dense_features, episode_masks, shot_vote
 
 
 def _mask(rows: list[str]) -> torch.Tensor:
@@ -78,20 +81,21 @@ def test_fewshot_datamodule_keeps_novel_classes_out_of_training() -> None:
 
 def test_feature_cache_computes_each_image_once_whatever_the_batch() -> None:
     calls: list[int] = []
+    extractor = FeatureExtractor(create_backbone("unet2d-tiny"), ["up_blocks.0"], [300], readout=PerPixel(4),
+                                 noise="content")
 
-    def features(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def features(images: torch.Tensor) -> torch.Tensor:
         calls.append(len(images))
-        noise = torch.stack([torch.randn(1, 2, 2, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        return images[:, :1, :2, :2] + noise
+        return dense_features(extractor)(images)
 
-    a, b, c = torch.randn(3, 3, 4, 4).unbind()
+    a, b, c = (torch.rand(3, 1, 16, 16) * 2 - 1).unbind()
     cache = FeatureCache(features)
     first = cache(torch.stack([a, b, a]))
     assert calls == [2] and torch.equal(first[0], first[2])
     again = cache(torch.stack([c, b]))  # b reused, only c computed
     assert calls == [2, 1] and torch.equal(again[1], first[1]) and len(cache) == 3
-    # the noise follows the image, not its batch position
-    torch.testing.assert_close(FeatureCache(features)(torch.stack([b, a]))[0], first[1])
+    # the noise follows the image, not its batch position: a fresh cache, b first
+    assert torch.equal(FeatureCache(features)(torch.stack([b, a]))[0], first[1])
 
 
 def test_episode_masks_native_and_per_shot_vote() -> None:
