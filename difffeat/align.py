@@ -306,8 +306,9 @@ class Alignment(nn.Module):
 
     @contextmanager
     def capture(self, backbone: Backbone) -> Iterator[dict[str, Any]]:
-        """Hooks that record, during the student's forward, the block-``L`` tokens and the mapped heads'
-        attention logits.
+        """Hooks that record the block-``L`` tokens and the mapped heads' attention logits.
+
+        They record during the student's forward.
 
         Args:
             backbone: the bound student.

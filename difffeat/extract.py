@@ -128,8 +128,11 @@ class FeatureExtractor(nn.Module):
         return [(layer, t) for layer in self.layers for t in self.timesteps]
 
     def spec(self) -> dict[str, Any]:
-        """Everything that determines the features but the data: the backbone's :meth:`Backbone.spec` and
-        the extractor's own settings (``batch_size`` is not among them: it does not change a feature)."""
+        """Everything that determines the features but the data.
+
+        The backbone's :meth:`Backbone.spec` and the extractor's own settings (``batch_size`` is not
+        among them: it does not change a feature).
+        """
         readout = {k: v for k, v in vars(self.readout).items() if not k.startswith("_") and k != "training"}
         return {"backbone": self.backbone.spec(), "name": self.backbone.name, "layers": self.layers,
                 "timesteps": self.timesteps, "ensemble": self.ensemble, "seed": self.seed, "noise": self.noise,
@@ -165,8 +168,10 @@ class FeatureExtractor(nn.Module):
 
     def features(self, images: torch.Tensor, indices: torch.Tensor | Sequence[int] | None = None,
                  cond: Any = None) -> dict[FeatureKey, torch.Tensor]:
-        """:meth:`forward` without ``inference_mode``: gradients flow where the backbone has them (a
-        fine-tuned :class:`~difffeat.encoder.DiffusionEncoder`)."""
+        """:meth:`forward` without ``inference_mode``.
+
+        Gradients flow where the backbone has them (a fine-tuned :class:`~difffeat.encoder.DiffusionEncoder`).
+        """
         param = next(self.backbone.parameters())
         device, dtype = param.device, param.dtype
         if self.input_range is not None and isinstance(images, torch.Tensor):

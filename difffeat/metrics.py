@@ -45,6 +45,7 @@ class DigitsFeatureNet(nn.Module):
         self.classifier = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The 64-d features ``(B, 64)`` of images ``x`` (see the class docstring for what it accepts)."""
         if x.dtype == torch.uint8:
             x = x.float() / 127.5 - 1
         if x.shape[1] == 3:
@@ -90,8 +91,10 @@ def load_fd_network(cache: str | Path = CACHE, seed: int = 0) -> DigitsFeatureNe
 
 @torch.no_grad()
 def fd_digits(fake: torch.Tensor, real: torch.Tensor | None = None, net: DigitsFeatureNet | None = None) -> float:
-    """Fréchet distance between ``fake`` and ``real`` images (``(N, 1, 16, 16)`` in ``[-1, 1]``) in
-    FD-digits feature space; ``real`` defaults to the digits test split (540 images)."""
+    """Fréchet distance between ``fake`` and ``real`` images in FD-digits feature space.
+
+    Images are ``(N, 1, 16, 16)`` in ``[-1, 1]``; ``real`` defaults to the digits test split (540 images).
+    """
     real = load_digits_split("test")[0] if real is None else real
     metric = FrechetInceptionDistance(feature=net or load_fd_network(), normalize=True)
     metric.update(((real + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1), real=True)

@@ -57,8 +57,11 @@ class NoiseSchedule:
 
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
-        """The schedule of a diffusers scheduler: a flow-matching one gives a :class:`FlowSchedule`, any
-        scheduler exposing ``alphas_cumprod`` (DDPM, DDIM, …) a discrete one."""
+        """The schedule of a diffusers scheduler.
+
+        A flow-matching one gives a :class:`FlowSchedule`, any scheduler exposing ``alphas_cumprod``
+        (DDPM, DDIM, …) a discrete one.
+        """
         if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
             return FlowSchedule(scheduler.config.num_train_timesteps)
         if not hasattr(scheduler, "alphas_cumprod"):
@@ -68,8 +71,10 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: dict | None = None) -> NoiseSchedule:
-        """Builds the scheduler a config dict names in ``_class_name`` (default ``DDPMScheduler``;
-        diffusers defaults where a key is missing)."""
+        """The schedule of the scheduler a config dict names in ``_class_name``.
+
+        The default class is ``DDPMScheduler``; diffusers defaults fill any missing key.
+        """
         import diffusers
 
         config = dict(config or {})
@@ -139,12 +144,15 @@ class FlowSchedule(NoiseSchedule):
 
     @property
     def num_train_timesteps(self) -> int:
+        """``T``: timesteps are the integers ``0 … T-1``."""
         return self.T
 
     def spec(self) -> dict[str, Any]:
+        """What about the schedule changes a feature: its kind, prediction type and ``T``."""
         return {"kind": "flow", "prediction_type": self.prediction_type, "num_train_timesteps": self.T}
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = (1 - k/T) x + (k/T) ε`` with ``t`` the per-sample integer index ``k``."""
         return flow_interpolate(x, noise, t.double() / self.T)
 
     def velocity(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,11 @@ class ExtractionModule(L.LightningModule):
         return {**self.extractor.spec(), "store_dtype": self.store_dtype}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The tensors to store for a batch: its features, cast to ``store_dtype``, and its metadata.
+
+        Features are named by :func:`feature_name`; ``index`` and whichever of ``label``, ``split`` and
+        ``mask`` the batch holds are stored beside them.
+        """
         feats = self.extractor(batch["image"], batch["index"])
         dtype = STORE_DTYPES[self.store_dtype]
         out = {feature_name(k): v.to(dtype) for k, v in feats.items()}
@@ -99,6 +104,7 @@ class StoreWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Writes the batch's prediction as the shard ``batch["shard"]`` names."""
         self.store.write_shard(int(batch["shard"]), prediction)
 
 

@@ -61,6 +61,7 @@ class Readout(nn.Module):
         self.output_fmt = output_fmt
 
     def forward(self, x: torch.Tensor, info: FeatureInfo) -> torch.Tensor:  # pragma: no cover - abstract
+        """The feature read from tap output ``x`` (a map or tokens), which ``info`` describes."""
         raise NotImplementedError
 
     def _format(self, m: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,7 @@ class Identity(Readout):
     """The activation itself, as a map (tokens reshaped to their grid) or as tokens."""
 
     def forward(self, x: torch.Tensor, info: FeatureInfo) -> torch.Tensor:
+        """``x`` as a map, or as tokens for ``output_fmt="NLC"``."""
         return self._format(as_map(x, info))
 
 
@@ -78,6 +80,7 @@ class GlobalAvg(Readout):
     """Mean over all spatial positions (or tokens): ``(B, C)``."""
 
     def forward(self, x: torch.Tensor, info: FeatureInfo) -> torch.Tensor:
+        """The mean of ``x`` over its positions or tokens, ``(B, C)``."""
         return as_tokens(x).mean(1)
 
 
@@ -101,6 +104,7 @@ class AdaptiveKxK(Readout):
         self.k, self.flatten = k, flatten
 
     def forward(self, x: torch.Tensor, info: FeatureInfo) -> torch.Tensor:
+        """``x`` pooled to ``k × k``: ``(B, C·k·k)`` with ``flatten``, else a map or tokens per ``output_fmt``."""
         m = F.adaptive_avg_pool2d(as_map(x, info), self.k)
         return m.flatten(1) if self.flatten else self._format(m)
 
@@ -118,6 +122,7 @@ class PerPixel(Readout):
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
 
     def forward(self, x: torch.Tensor, info: FeatureInfo) -> torch.Tensor:
+        """``x`` as a map resized bilinearly to ``size`` (unless ``None``), in ``output_fmt``."""
         m = as_map(x, info)
         if self.size is not None and tuple(m.shape[-2:]) != self.size:
             m = F.interpolate(m, size=self.size, mode="bilinear", align_corners=False)

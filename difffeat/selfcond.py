@@ -61,8 +61,9 @@ class SelfConditioning(nn.Module):
         return {"hidden": self.hidden, "source": self.source, "enabled": self.enabled}
 
     def attach(self, backbone: Any) -> SelfConditioning:
-        """Binds this module to ``backbone``'s model and makes it active in every forward (the plug-in
-        protocol of :mod:`difffeat.plugins`, used when a model folder is loaded).
+        """Binds this module to ``backbone``'s model and makes it active in every forward.
+
+        This is the plug-in protocol of :mod:`difffeat.plugins`, used when a model folder is loaded.
 
         Args:
             backbone: a :class:`~difffeat.backbones.Backbone`.

@@ -76,8 +76,11 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Removes temporary files of writers that are provably gone: written on this host by a process
-    that no longer runs. Another host's (shared file system) or a live process's files are kept."""
+    """Removes temporary files of writers that are provably gone and returns their paths.
+
+    Provably gone: written on this host by a process that no longer runs. Another host's (shared file
+    system) or a live process's files are kept.
+    """
     removed = []
     for tmp in folder.glob(".*.tmp-*"):
         m = _TMP.match(tmp.name)
@@ -88,9 +91,12 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, flushes it and renames it into place: readers
-    see the old file or the whole new one, never a part. The temporary name holds the host, the process
-    id and a random part, so concurrent writers never share one and stale ones can be told apart."""
+    """Writes ``data`` to ``path`` atomically: readers see the old file or the whole new one, never a part.
+
+    The data goes to a temporary file beside ``path``, is flushed and renamed into place. The temporary
+    name holds the host, the process id and a random part, so concurrent writers never share one and
+    stale ones can be told apart.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
@@ -167,6 +173,7 @@ class FeatureStore:
     # ----------------------------------------------------------------- shards
     @property
     def num_shards(self) -> int:
+        """The number of shards: ``num_samples / shard_size``, rounded up."""
         return -(-self.num_samples // self.shard_size)
 
     def shard_range(self, k: int) -> range:
@@ -174,6 +181,7 @@ class FeatureStore:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples))
 
     def shard_path(self, k: int) -> Path:
+        """The file of shard ``k``."""
         return self.root / f"shard_{k:05d}.safetensors"
 
     def missing_shards(self) -> list[int]:
@@ -182,6 +190,7 @@ class FeatureStore:
 
     @property
     def complete(self) -> bool:
+        """Whether every shard is on disk."""
         return not self.missing_shards()
 
     def write_shard(self, k: int, tensors: Mapping[str, torch.Tensor]) -> Path:

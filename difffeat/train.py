@@ -101,8 +101,10 @@ def diffusion_loss(module: DiffusionModule, x0: torch.Tensor, generator: torch.G
 
 
 def _swap_in(new: Path, folder: Path, staging: Path) -> None:
-    """Puts the finished folder ``new`` at ``folder``, replacing what is there, so that at every moment
-    a complete model exists: at ``folder``, or, between the two renames, as ``staging/old*``.
+    """Puts the finished folder ``new`` at ``folder``, replacing what is there.
+
+    At every moment a complete model exists: at ``folder``, or, between the two renames, as
+    ``staging/old*``.
 
     The old model is renamed aside (inside this export's own ``staging`` folder), the new one renamed
     in, and the old one deleted with ``staging`` by the caller. An error between the renames (a full
@@ -182,8 +184,9 @@ def save_pipeline(model: torch.nn.Module, scheduler_config: dict[str, Any], fold
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains a diffusers ``UNet2DModel``, ``DiTTransformer2DModel`` or pixel-space ``UNet2DConditionModel``
-    (on its fixed condition), keeping EMA weights.
+    """Trains a diffusers ``UNet2DModel``, ``DiTTransformer2DModel`` or pixel-space ``UNet2DConditionModel``.
+
+    A ``UNet2DConditionModel`` trains on its fixed condition; EMA weights are kept.
 
     Args:
         backbone: a registered name or a local folder to start from.
@@ -266,8 +269,11 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", diffusion_loss(self, batch["image"], gen), prog_bar=True)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimiser step, then the EMA update: here rather than in ``on_train_batch_end`` because
-        callbacks' ``on_train_batch_end`` (e.g. :class:`PeriodicExport`) run before the module's."""
+        """The optimiser step, then the EMA update.
+
+        The update is here rather than in ``on_train_batch_end`` because callbacks'
+        ``on_train_batch_end`` (e.g. :class:`PeriodicExport`) run before the module's.
+        """
         super().optimizer_step(*args, **kwargs)
         self.update_ema(self.global_step + 1)  # the step counter moves only after this hook returns
 
@@ -290,8 +296,11 @@ class DiffusionModule(L.LightningModule):
             b_ema.copy_(b)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the backbone (and the alignment projector), with diffusers' linear warm-up and
-        cosine decay to 0 over the run's optimisation steps, stepped every step."""
+        """AdamW over the backbone (and the alignment projector), with a warm-up and cosine schedule.
+
+        The schedule is diffusers' linear warm-up and cosine decay to 0 over the run's optimisation
+        steps, stepped every step.
+        """
         params = list(self.backbone.parameters())
         if self.alignment is not None:
             params += list(self.alignment.projector.parameters())

@@ -1,0 +1,1 @@
+"""Task heads trained on diffusion features: linear probes and few-shot segmentation."""

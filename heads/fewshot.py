@@ -251,14 +251,19 @@ class FewShotModule(L.LightningModule):
                              batch.get("query_ignore"))
 
     def on_validation_epoch_end(self) -> None:
+        """Logs the epoch's validation scores."""
         self._log_scores(self.val_iou, "val")
 
     def on_test_epoch_end(self) -> None:
+        """Logs the epoch's test scores."""
         self._log_scores(self.test_iou, "test")
 
     def _log_scores(self, metric: FewShotIoU, prefix: str) -> None:
-        """Logs the protocol's scores once per epoch: intersections and unions are summed over *all*
-        episodes first (a mean of per-batch scores would not be the protocol's mIoU)."""
+        """Logs the protocol's scores (``miou``, ``fbiou``) once per epoch, then resets the metric.
+
+        Intersections and unions are summed over *all* episodes first (a mean of per-batch scores would
+        not be the protocol's mIoU).
+        """
         scores = metric.compute()
         self.log_dict({f"{prefix}/miou": scores["miou"].float(), f"{prefix}/fbiou": scores["fbiou"].float()},
                       prog_bar=True)

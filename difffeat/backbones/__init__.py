@@ -69,8 +69,11 @@ def unet2d_tiny(**kwargs: Any) -> Backbone:
 
 def sd_unet_config(block_out_channels: list[int], sample_size: int, cross_attention_dim: int,
                    layers_per_block: int = 2, heads: int = 8) -> dict[str, Any]:
-    """A Stable-Diffusion-1.x-shaped ``UNet2DConditionModel`` config: cross-attention in every block but
-    the deepest down and the first up block, a cross-attention mid block, 4 latent channels."""
+    """A Stable-Diffusion-1.x-shaped ``UNet2DConditionModel`` config.
+
+    Cross-attention in every block but the deepest down and the first up block, a cross-attention mid
+    block, 4 latent channels.
+    """
     n = len(block_out_channels)
     return {
         "sample_size": sample_size, "in_channels": 4, "out_channels": 4,
@@ -121,10 +124,12 @@ def dit_digits(**kwargs: Any) -> Backbone:
 
 @register_backbone
 def sd_unet_scenes(**kwargs: Any) -> Backbone:
-    """A U-Net of Stable Diffusion's kind (``UNet2DConditionModel``, cross-attention blocks) in *pixel*
-    space for the 64×64 RGB scene benchmark (3 channels in and out, no VAE), the CPU-sized stand-in for
-    SD in the few-shot head. Attention runs only at 16×16 and 8×8: at 64×64 a KV-fused attention of a
-    batch of episodes would need gigabytes on a CPU."""
+    """A U-Net of Stable Diffusion's kind in *pixel* space for the 64×64 RGB scene benchmark.
+
+    A ``UNet2DConditionModel`` with cross-attention blocks, 3 channels in and out and no VAE: the
+    CPU-sized stand-in for SD in the few-shot head. Attention runs only at 16×16 and 8×8: at 64×64 a
+    KV-fused attention of a batch of episodes would need gigabytes on a CPU.
+    """
     config = {"sample_size": 64, "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64, 64, 96],
               "layers_per_block": 1, "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 16,
               "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

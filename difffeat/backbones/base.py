@@ -62,8 +62,11 @@ class _StopForward(Exception):
 
 
 def _as_tensor(output: Any, stream: int = 0) -> torch.Tensor:
-    """One hidden state of a block's output: blocks return tensors, tuples or output dataclasses; for a
-    tuple, ``stream`` says which element (joint text-image blocks return ``(text, image)``)."""
+    """One hidden state of a block's output.
+
+    Blocks return tensors, tuples or output dataclasses; for a tuple, ``stream`` says which element
+    (joint text-image blocks return ``(text, image)``).
+    """
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple | list):
@@ -168,8 +171,13 @@ class Backbone(nn.Module):
         self._feature_info: dict[str, FeatureInfo] | None = None
 
     def set_self_conditioning(self, selfcond: nn.Module | None) -> Backbone:
-        """Attaches (or, with ``None``, removes) a :class:`~difffeat.selfcond.SelfConditioning`, bound to
-        this model; it is active in every :meth:`forward`."""
+        """Attaches (or, with ``None``, removes) a :class:`~difffeat.selfcond.SelfConditioning`.
+
+        It is bound to this model and active in every :meth:`forward`.
+
+        Returns:
+            This backbone.
+        """
         self.selfcond = selfcond.bind(self.model) if selfcond is not None and selfcond.mlp is None else selfcond
         return self
 
@@ -344,8 +352,10 @@ class Backbone(nn.Module):
         return tensor_digest(self.state_dict())
 
     def condition_spec(self) -> dict[str, Any]:
-        """The fixed condition the denoiser sees when none is passed (class label, prompt embedding):
-        adapters with one override this."""
+        """The fixed condition the denoiser sees when none is passed (class label, prompt embedding).
+
+        Adapters with one override this; the base returns ``{}``.
+        """
         return {}
 
     def spec(self) -> dict[str, Any]:

@@ -44,15 +44,19 @@ class DiTBackbone(Backbone):
         return int(self.model.config.num_embeds_ada_norm)
 
     def condition_spec(self) -> dict[str, Any]:
+        """The class label the denoiser is conditioned on when no ``cond`` is passed."""
         return {"class_label": self.class_label}
 
     def tap_names(self) -> list[str]:
+        """``pos_embed`` (the embedded patch tokens) and every transformer block, ``transformer_blocks.i``."""
         return ["pos_embed"] + [f"transformer_blocks.{i}" for i in range(len(self.model.transformer_blocks))]
 
     def token_grid(self, num_tokens: int) -> tuple[int, int]:
+        """The square patch grid of the latent, ``latent_size // patch_size`` per side."""
         side = self.latent_size // self.model.config.patch_size
         return side, side
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The DiT's prediction at ``t`` for class labels ``cond`` (default :attr:`class_label` for all)."""
         labels = cond if cond is not None else torch.full(t.shape, self.class_label, dtype=torch.long, device=t.device)
         return self.model(x_t, t, class_labels=labels).sample

@@ -1,5 +1,7 @@
-"""Adapters for diffusers U-Nets: pixel-space ``UNet2DModel`` and Stable-Diffusion-shaped
-``UNet2DConditionModel``."""
+"""Adapters for diffusers U-Nets.
+
+Pixel-space ``UNet2DModel`` and Stable-Diffusion-shaped ``UNet2DConditionModel``.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def unet_tap_names(model: nn.Module) -> list[str]:
-    """Block outputs (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) and, inside each block, the
-    outputs of its resnets and attentions (``up_blocks.1.resnets.0``, ``up_blocks.1.attentions.2``)."""
+    """The tap names of a diffusers U-Net: ``conv_in``, its blocks, and their resnets and attentions.
+
+    Block outputs (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) and, inside each block, the
+    outputs of its resnets and attentions (``up_blocks.1.resnets.0``, ``up_blocks.1.attentions.2``).
+    """
     names = ["conv_in"]
     for group in ("down_blocks", "mid_block", "up_blocks"):
         blocks = [(group, model.mid_block)] if group == "mid_block" else [
@@ -55,12 +60,15 @@ class UNet2DBackbone(Backbone):
         self.class_label = class_label
 
     def tap_names(self) -> list[str]:
+        """The U-Net's taps (:func:`unet_tap_names`)."""
         return unet_tap_names(self.model)
 
     def condition_spec(self) -> dict[str, Any]:
+        """The class label of a class-conditional model; ``{}`` for an unconditional one."""
         return {"class_label": self.class_label} if self.model.config.num_class_embeds is not None else {}
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The U-Net's prediction at ``t``; a class-conditional one gets ``cond`` (default :attr:`class_label`)."""
         labels = None
         if self.model.config.num_class_embeds is not None:
             labels = cond if cond is not None else torch.full(t.shape, self.class_label, dtype=torch.long,
@@ -115,13 +123,22 @@ class UNet2DConditionBackbone(Backbone):
         return torch.zeros(1, 77, self.model.config.cross_attention_dim)
 
     def tap_names(self) -> list[str]:
+        """The U-Net's taps (:func:`unet_tap_names`)."""
         return unet_tap_names(self.model)
 
     def condition_spec(self) -> dict[str, Any]:
+        """The digest of the default text condition, ``encoder_hidden_states``."""
         # a non-persistent buffer, so outside the weights digest: the prompt is keyed here
         return {"encoder_hidden_states": tensor_digest(self.encoder_hidden_states)}
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The U-Net's prediction at ``t``, cross-attending to ``cond`` (default ``encoder_hidden_states``).
+
+        A condition of batch 1 is expanded to the batch of ``x_t``.
+
+        Raises:
+            ValueError: the condition's batch is neither 1 nor that of ``x_t``.
+        """
         ehs = cond if cond is not None else self.encoder_hidden_states
         if ehs.shape[0] == 1:
             ehs = ehs.expand(x_t.shape[0], -1, -1)

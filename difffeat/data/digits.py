@@ -103,15 +103,19 @@ class DigitsDataModule(L.LightningDataModule):
         return DigitsDataset(split, self.size, self.seed)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of the train split; the last incomplete batch is dropped."""
         return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
+        """Batches of the test split, in order."""
         return DataLoader(self.dataset("test"), batch_size=self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
+        """The batches of :meth:`val_dataloader`."""
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
+        """Batches of ``predict_split``, in order."""
         return DataLoader(self.dataset(self.predict_split), batch_size=self.batch_size,
                           num_workers=self.num_workers)

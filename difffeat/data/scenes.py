@@ -238,6 +238,7 @@ class SceneDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of scene images and their indices; the last incomplete batch is dropped."""
         scenes = SceneDataset(self.length, self.size, self.seed)
         return DataLoader(_Images(scenes), self.batch_size, shuffle=True, num_workers=self.num_workers,
                           drop_last=True)

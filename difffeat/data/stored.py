@@ -13,8 +13,9 @@ __all__ = ["StoreDataModule"]
 
 
 class StoreDataModule(L.LightningDataModule):
-    """Batches of stored features (and the labels stored beside them) for a
-    :class:`~heads.base.FrozenFeatureModule` built with ``store=``.
+    """Batches of stored features (and the labels stored beside them) for a head that reads a store.
+
+    The head is a :class:`~heads.base.FrozenFeatureModule` built with ``store=``.
 
     The store's ``split`` tensor says which samples train (``train_split``) and which validate
     (``val_split``); memory stays one shard whatever the store's size.
@@ -35,12 +36,15 @@ class StoreDataModule(L.LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of the ``train_split`` samples, shuffled (seeded, a new order each epoch)."""
         return DataLoader(StoreDataset(self.store, self.names, shuffle=True, seed=self.seed,
                                        where=("split", self.train_split)), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
+        """Batches of the ``val_split`` samples, in store order."""
         return DataLoader(StoreDataset(self.store, self.names, where=("split", self.val_split)),
                           batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
+        """The batches of :meth:`val_dataloader`."""
         return self.val_dataloader()
