@@ -326,4 +326,5 @@ class StoreDataset(IterableDataset):
                 gen = torch.Generator().manual_seed(self.seed + 1_000_003 * (self.epoch - 1) + 7919 * (k + 1))
                 rows = rows[torch.randperm(len(rows), generator=gen)]
             for r in rows.tolist():
-                yield {n: shard[n][r] for n in self.names}
+                # copies, not views: a batch collated from views would keep whole shards alive
+                yield {n: shard[n][r].clone() for n in self.names}
