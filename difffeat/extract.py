@@ -10,13 +10,15 @@ For a batch of clean images the extractor
 4. averages the read-out features over the ensemble.
 
 Rows are independent, so the features do not depend on ``batch_size`` as long as every kernel gives a
-row the same bits in any batch. On the CPU that is not so for small batches: oneDNN switches algorithm
-and output memory format for batches below a size that grows as the thread count shrinks (measured: 8
-rows suffice with 2 threads, 32 with 1). So on the CPU every forward has at least :data:`CPU_MIN_ROWS`
-rows: a smaller ``batch_size`` is raised to it and a short last chunk is padded by repeating its last
-row; taps are made contiguous, since their memory format varies with the batch too. On a GPU no
-padding is done: features for different ``batch_size`` agree to float rounding, and are bit-identical
-for a fixed one.
+row the same bits in any batch. On the CPU that is not so: oneDNN picks algorithms and output memory
+formats by batch size, both for small batches (measured: below 8 rows with 2 threads, below 32 with 1)
+and for large ones (measured: a 64-row forward of a U-Net gives a channels-last tensor where a 32-row
+one does not, and the next convolution rounds differently). So on the CPU every forward has exactly
+:data:`CPU_ROWS` rows, whatever ``batch_size`` says: a short last chunk is padded by repeating its last
+row, and taps are made contiguous. A CPU gains nothing from larger batches (``experiments/bench_extract.py``
+measures time per image flat in the batch size), so this costs no speed. On a GPU ``batch_size`` rows
+run per forward, without padding: features for different ``batch_size`` agree to float rounding, and
+are bit-identical for a fixed one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from difffeat.backbones.base import Backbone, to_model_range
 from difffeat.noise import NOISE_RULES, content_keys, seeded_noise
 from difffeat.readout import GlobalAvg, Readout
 
-__all__ = ["CPU_MIN_ROWS", "DEFAULT_BATCH_SIZE", "FeatureExtractor", "FeatureKey", "feature_name", "parse_feature_name"]
+__all__ = ["CPU_ROWS", "DEFAULT_BATCH_SIZE", "FeatureExtractor", "FeatureKey", "feature_name", "parse_feature_name"]
 
 FeatureKey = tuple[str, int]
 
@@ -49,12 +51,26 @@ def parse_feature_name(name: str) -> FeatureKey:
     return layer, int(t)
 
 
-#: the smallest forward batch on the CPU (see the module docstring)
-CPU_MIN_ROWS = 32
+#: the rows of every forward on the CPU, whatever ``batch_size`` says (see the module docstring)
+CPU_ROWS = 32
+
+
+def _fixed_rows(device: torch.device) -> int | None:
+    """The rows every forward must have on ``device`` (``None``: any number up to ``batch_size``)."""
+    return CPU_ROWS if device.type == "cpu" else None
 
 #: default rows (image × timestep pairs) per forward: about what a 24 GB GPU holds for SD-2.1 at 768 px
 #: in float16 with early exit
 DEFAULT_BATCH_SIZE = 8
+
+
+def _condition_rows(cond: Any, rows: torch.Tensor, batch: int) -> Any:
+    """The condition of forward ``rows``: per-image tensors (batch ``batch``) are indexed, shared ones kept."""
+    if isinstance(cond, torch.Tensor):
+        return cond[rows.to(cond.device)] if cond.ndim > 0 and cond.shape[0] == batch else cond
+    if isinstance(cond, dict):
+        return {k: _condition_rows(v, rows, batch) for k, v in cond.items()}
+    return cond
 
 
 class FeatureExtractor(nn.Module):
@@ -72,7 +88,8 @@ class FeatureExtractor(nn.Module):
             as float32.
         early_exit: stop the forward after the deepest tap (``False`` runs the whole network; the
             features are identical, only slower).
-        batch_size: (image, timestep) rows per forward; the features do not depend on it.
+        batch_size: (image, timestep) rows per forward on an accelerator; the features do not depend on
+            it. On the CPU every forward has :data:`CPU_ROWS` rows (see the module docstring).
         noise: the noise key rule, ``"index"`` (the sample's dataset index) or ``"content"`` (a hash of
             the image); see :mod:`difffeat.noise`.
         input_range: the value range of the images given (``(0, 1)``, ``(0, 255)``); they are mapped
@@ -150,7 +167,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, indices: torch.Tensor | Sequence[int] | None = None,
-                cond: Any = None) -> dict[FeatureKey, torch.Tensor]:
+                cond: Any = None, prompts: Sequence[str] | None = None) -> dict[FeatureKey, torch.Tensor]:
         """Features of ``images`` (``(B, C, H, W)`` in ``[-1, 1]``, or in ``input_range``).
 
         Args:
@@ -158,16 +175,22 @@ class FeatureExtractor(nn.Module):
             indices: the samples' dataset indices, which seed their noise under the ``"index"`` rule.
                 Pass them whenever features must not depend on batching; the default ``0 … B-1`` ties
                 noise to batch position.
-            cond: per-sample condition (class labels, or ``(B, L, D)`` text embeddings); default the
-                backbone's unconditional one.
+            cond: per-sample condition: class labels, ``(B, L, D)`` text embeddings, or a dict of the
+                denoiser's condition tensors (what :meth:`Backbone.encode_prompts` returns); batch 1 is
+                shared by all images. Default: the backbone's unconditional one (the empty prompt).
+            prompts: one text prompt per image (``"a photo of a dog"``), encoded by the pipeline's own
+                text encoders (:meth:`Backbone.encode_prompts`); not together with ``cond``.
+
+        Raises:
+            ValueError: ``prompts`` and ``cond`` both given, or a prompt list whose length is not the batch's.
 
         Returns:
             ``{(layer, t): feature}`` with float32 features in the readout's layout.
         """
-        return self.features(images, indices, cond)
+        return self.features(images, indices, cond, prompts)
 
     def features(self, images: torch.Tensor, indices: torch.Tensor | Sequence[int] | None = None,
-                 cond: Any = None) -> dict[FeatureKey, torch.Tensor]:
+                 cond: Any = None, prompts: Sequence[str] | None = None) -> dict[FeatureKey, torch.Tensor]:
         """:meth:`forward` without ``inference_mode``.
 
         Gradients flow where the backbone has them (a fine-tuned :class:`~difffeat.encoder.DiffusionEncoder`).
@@ -180,26 +203,33 @@ class FeatureExtractor(nn.Module):
             images = images.to(device=device, dtype=dtype)
         x0 = self.backbone.encode(images)  # checks type, shape and range first
         b = x0.shape[0]
+        if prompts is not None:
+            if cond is not None:
+                raise ValueError("give either prompts or cond, not both")
+            if isinstance(prompts, str) or len(prompts) != b:
+                got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+                raise ValueError(f"got {got} for a batch of {b} images; give one prompt per image")
+            cond = self.backbone.encode_prompts(list(prompts))
         keys = self.noise_keys(images, indices)
         # rows are (timestep, image) pairs, t-major: chunk r covers rows [r·bs, (r+1)·bs)
         rows_t = torch.tensor(self.timesteps, device=device).repeat_interleave(b)
         rows_i = torch.arange(b, device=device).repeat(len(self.timesteps))
         infos = self.backbone.feature_info
         sums: dict[FeatureKey, torch.Tensor] = {}
-        min_rows = CPU_MIN_ROWS if device.type == "cpu" else 1
-        chunk = max(self.batch_size, min_rows)
+        fixed = _fixed_rows(device)
+        chunk = fixed or self.batch_size
         for member in range(self.ensemble):
             noise = seeded_noise(x0.shape[1:], keys, self.seed, member, dtype=dtype, device=device)
             parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers}
             for start in range(0, len(rows_t), chunk):
                 t, i = rows_t[start:start + chunk], rows_i[start:start + chunk]
                 n = len(t)
-                if n < min_rows:  # pad by repeating the last row (see the module docstring)
-                    t, i = torch.cat([t, t[-1:].expand(min_rows - n)]), torch.cat([i, i[-1:].expand(min_rows - n)])
+                if fixed and n < chunk:  # pad by repeating the last row (see the module docstring)
+                    t, i = torch.cat([t, t[-1:].expand(chunk - n)]), torch.cat([i, i[-1:].expand(chunk - n)])
                 x_t = self.backbone.schedule.add_noise(x0[i], noise[i], t)
-                c = cond[i] if isinstance(cond, torch.Tensor) and cond.shape[0] == b else cond
+                c = _condition_rows(cond, i, b)
                 with self.backbone.tap(self.layers, stop_early=self.early_exit) as found:
-                    self.backbone.run(x_t, t, c)
+                    self.backbone.run(x_t, self.backbone.schedule.model_timesteps(t), c)
                 for layer in self.layers:
                     tap = found[layer][:n].float().contiguous()
                     parts[layer].append(self.readout(tap, infos[layer]).contiguous())

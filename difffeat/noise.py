@@ -23,6 +23,7 @@ give the sample key (:data:`NOISE_RULES`):
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,7 +64,11 @@ class NoiseSchedule:
         (DDPM, DDIM, …) a discrete one.
         """
         if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
-            return FlowSchedule(scheduler.config.num_train_timesteps)
+            cfg = scheduler.config
+            dynamic = None
+            if cfg.get("use_dynamic_shifting", False):
+                dynamic = {k: cfg[k] for k in ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")}
+            return FlowSchedule(cfg.num_train_timesteps, shift=float(cfg.get("shift", 1.0)), dynamic=dynamic)
         if not hasattr(scheduler, "alphas_cumprod"):
             raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod and is not a flow-matching "
                             f"scheduler; difffeat cannot tell how it noises")
@@ -92,6 +97,10 @@ class NoiseSchedule:
 
         return {"kind": "ddpm", "prediction_type": self.prediction_type,
                 "alphas_cumprod": tensor_digest(self.alphas_cumprod)}
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the network receives for index ``t``: the index itself for DDPM models."""
+        return t
 
     def validate(self, timesteps: Sequence[int]) -> list[int]:
         """Checks that every timestep is an integer index in ``[0, T-1]``.
@@ -125,35 +134,71 @@ class NoiseSchedule:
 
 
 class FlowSchedule(NoiseSchedule):
-    """The linear interpolant of SiT / rectified flow, on the same integer index as DDPM models.
+    """The linear interpolant of SiT / rectified flow / SD3 / Flux, on the same integer index as DDPM models.
 
-    Index ``k ∈ {0, …, T-1}`` means continuous time ``t = k / T`` and ``x_t = (1 - t) x + t ε``; the
-    network receives ``k`` (``t · T``) as its timestep, the range its sinusoidal embedding was built
-    for, so a flow model's taps are addressed exactly like a DDPM model's (0 = least noise).
+    Index ``k ∈ {0, …, T-1}`` means noise level ``σ = shift · s / (1 + (shift - 1) · s)`` with ``s = k / T``
+    (diffusers' ``FlowMatchEulerDiscreteScheduler`` time shift; ``shift = 1`` is the plain interpolant of
+    SiT) and ``x_t = (1 - σ) x + σ ε``. The network receives ``σ · T`` as its timestep, the range its
+    sinusoidal embedding was built for, so a flow model's taps are addressed exactly like a DDPM model's
+    (0 = least noise, ``T - 1`` almost pure noise), and a shifted model (SD3: 3.0) is tapped at the noise
+    levels its own sampler visits at the same index.
 
     Args:
         num_train_timesteps: ``T``.
+        shift: the time shift (``scheduler_config.json``'s ``shift``).
+        dynamic: for a resolution-dependent shift (Flux's ``use_dynamic_shifting``), the scheduler's
+            ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift`` and ``max_shift``; the adapter
+            resolves it for its token count with :meth:`for_sequence_length`.
     """
 
     prediction_type = "flow"
 
-    def __init__(self, num_train_timesteps: int = 1000) -> None:
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0,
+                 dynamic: dict[str, float] | None = None) -> None:
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
-        self.T = num_train_timesteps
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self.T, self.shift, self.dynamic = num_train_timesteps, float(shift), dynamic
 
     @property
     def num_train_timesteps(self) -> int:
         """``T``: timesteps are the integers ``0 … T-1``."""
         return self.T
 
+    def for_sequence_length(self, image_seq_len: int) -> FlowSchedule:
+        """The schedule at a resolution: the dynamic shift resolved as the Flux pipeline does.
+
+        ``μ`` is linear in the image token count between ``(base_image_seq_len, base_shift)`` and
+        ``(max_image_seq_len, max_shift)``, and ``shift = exp(μ)`` (diffusers' exponential time shift with
+        exponent 1 is the same map as the fixed shift). A schedule without ``dynamic`` is returned as is.
+        """
+        if self.dynamic is None:
+            return self
+        d = self.dynamic
+        slope = (d["max_shift"] - d["base_shift"]) / (d["max_image_seq_len"] - d["base_image_seq_len"])
+        mu = image_seq_len * slope + d["base_shift"] - slope * d["base_image_seq_len"]
+        return FlowSchedule(self.T, shift=math.exp(mu))
+
     def spec(self) -> dict[str, Any]:
-        """What about the schedule changes a feature: its kind, prediction type and ``T``."""
-        return {"kind": "flow", "prediction_type": self.prediction_type, "num_train_timesteps": self.T}
+        """What about the schedule changes a feature: its kind, prediction type, ``T`` and shift."""
+        return {"kind": "flow", "prediction_type": self.prediction_type, "num_train_timesteps": self.T,
+                "shift": self.shift, "dynamic": self.dynamic}
+
+    def sigmas(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise level ``σ`` (float64) of integer indices ``t``."""
+        s = t.double() / self.T
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """``σ · T``, the timestep the network receives (equal to ``t`` when ``shift = 1``)."""
+        if self.shift == 1.0:
+            return t
+        return (self.sigmas(t) * self.T).float()
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x_t = (1 - k/T) x + (k/T) ε`` with ``t`` the per-sample integer index ``k``."""
-        return flow_interpolate(x, noise, t.double() / self.T)
+        """``x_t = (1 - σ) x + σ ε`` with ``t`` the per-sample integer index."""
+        return flow_interpolate(x, noise, self.sigmas(t))
 
     def velocity(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The flow target ``v = ε - x`` (independent of ``t``)."""

@@ -2,8 +2,9 @@
 
 Every update is a diffusers scheduler's ``step``, built from the backbone's own schedule:
 
-* Flow models (:class:`~difffeat.noise.FlowSchedule`): ``FlowMatchEulerDiscreteScheduler`` (shift 1, the
-  plain linear interpolant), i.e. Euler integration of ``dx/dt = v(x, t)`` from ``t = 1`` (noise) to
+* Flow models (:class:`~difffeat.noise.FlowSchedule`): ``FlowMatchEulerDiscreteScheduler`` (with the
+  schedule's shift; 1 is the plain linear interpolant), i.e. Euler integration of ``dx/dt = v(x, t)``
+  from ``t = 1`` (noise) to
   ``t = 0`` on the uniform grid ``1, 1 - 1/steps, …, 1/steps``.
 * DDPM models: ``DDIMScheduler`` with ``η = 0`` on the evenly spaced timesteps
   ``round(linspace(T - 1, 0, steps))``, for ε, v and x0 (``"sample"``) prediction.
@@ -54,7 +55,7 @@ def sampling_scheduler(schedule: NoiseSchedule, steps: int) -> tuple[Any, torch.
         raise ValueError(f"steps must be >= 1, got {steps}")
     T = schedule.num_train_timesteps
     if isinstance(schedule, FlowSchedule):
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=schedule.shift)
         scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist())
         return scheduler, scheduler.timesteps, list(scheduler.timesteps)
     if schedule.prediction_type not in PREDICTION_TYPES:

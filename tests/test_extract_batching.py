@@ -8,7 +8,7 @@ import torch
 
 from difffeat.backbones import create_backbone
 from difffeat.data import DigitsDataset
-from difffeat.extract import CPU_MIN_ROWS, FeatureExtractor
+from difffeat.extract import CPU_ROWS, FeatureExtractor
 from difffeat.predict import ExtractionModule, extract_to_store
 
 QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
@@ -29,21 +29,32 @@ def test_features_do_not_depend_on_batch_size(name) -> None:
     backbone = create_backbone(name, seed=0)
     x = torch.rand(37, backbone.image_channels, backbone.image_size, backbone.image_size) * 2 - 1
     runs = [FeatureExtractor(backbone, BACKBONES[name], [10, 200, 500], batch_size=bs)(x, range(37))
-            for bs in (1, 8, 33, 37 * 3)]
+            for bs in (1, 8, 33, 64, 37 * 3)]
     for other in runs[1:]:
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
 
 
-def test_a_forward_never_exceeds_batch_size_rows() -> None:
+def _forward_rows(batch_size: int) -> list[int]:
     backbone = create_backbone("unet2d-tiny")
+    fe = FeatureExtractor(backbone, ["up_blocks.0"], [10, 200, 500], batch_size=batch_size)
     seen: list[int] = []
     handle = backbone.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
     try:
-        FeatureExtractor(backbone, ["up_blocks.0"], [10, 200, 500], batch_size=40)(torch.zeros(64, 1, 16, 16))
+        fe(torch.zeros(64, 1, 16, 16))
     finally:
         handle.remove()
-    assert max(seen) == 40 and sum(seen) >= 64 * 3
-    assert CPU_MIN_ROWS <= 40
+    return seen
+
+
+def test_a_forward_never_exceeds_batch_size_rows_on_an_accelerator(monkeypatch) -> None:
+    import difffeat.extract
+
+    monkeypatch.setattr(difffeat.extract, "_fixed_rows", lambda device: None)  # the accelerator path
+    assert _forward_rows(40) == [40] * 4 + [32]  # 64 images x 3 timesteps = 192 rows
+
+
+def test_every_cpu_forward_has_the_fixed_row_count() -> None:
+    assert _forward_rows(40) == _forward_rows(1000) == [CPU_ROWS] * 6  # 192 rows, never one forward of 192
 
 
 def test_store_bytes_do_not_depend_on_batch_size(tmp_path) -> None:
@@ -112,3 +123,17 @@ def test_content_noise_follows_the_image_and_index_noise_the_index(unet) -> None
     key = ("mid_block", 500)
     assert torch.equal(content(x, [0, 1, 2])[key][2], content(x[2:], [7])[key][0])
     assert not torch.equal(index(x, [0, 1, 2])[key][2], index(x[2:], [7])[key][0])
+
+
+def test_without_fixed_rows_batch_sizes_agree_to_rounding(monkeypatch) -> None:
+    """The accelerator path (no padding, ``batch_size`` rows per forward) agrees to float rounding."""
+    import difffeat.extract
+
+    monkeypatch.setattr(difffeat.extract, "_fixed_rows", lambda device: None)
+    backbone = create_backbone("unet2d-tiny", seed=0)
+    x = torch.rand(37, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    runs = [FeatureExtractor(backbone, BACKBONES["unet2d-tiny"], [10, 500], batch_size=bs)(x, range(37))
+            for bs in (1, 8, 64)]
+    for other in runs[1:]:
+        for key in runs[0]:
+            torch.testing.assert_close(other[key], runs[0][key], rtol=1e-5, atol=1e-6)

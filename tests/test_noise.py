@@ -42,3 +42,40 @@ def test_noise_depends_on_index_not_on_batch() -> None:
 def test_flow_interpolant_endpoints() -> None:
     x, eps = torch.randn(2, 3), torch.randn(2, 3)
     torch.testing.assert_close(flow_interpolate(x, eps, torch.tensor([0.0, 1.0])), torch.stack([x[0], eps[1]]))
+
+
+
+def test_shifted_flow_schedule_matches_the_diffusers_scheduler() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from difffeat.noise import FlowSchedule
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    assert isinstance(schedule, FlowSchedule) and schedule.shift == 3.0
+    grid = scheduler.sigmas.flip(0).double()  # diffusers' training grid, ascending: shift(j / T), j = 1 … T
+    torch.testing.assert_close(schedule.sigmas(torch.arange(1, 1001)), grid, rtol=1e-6, atol=1e-6)
+    k = torch.tensor([1, 250, 500, 999])
+    torch.testing.assert_close(schedule.model_timesteps(k), (grid[k - 1] * 1000).float(), rtol=1e-5, atol=1e-3)
+    x, eps = torch.zeros(4, 2), torch.ones(4, 2)
+    torch.testing.assert_close(schedule.add_noise(x, eps, k)[:, 0].double(), grid[k - 1], rtol=1e-6, atol=1e-6)
+    assert FlowSchedule(1000).model_timesteps(k) is k  # shift 1: the index itself, as SiT was trained
+
+
+def test_dynamic_shift_is_resolved_as_the_flux_pipeline_does() -> None:
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+              "base_shift": 0.5, "max_shift": 1.15}
+    schedule = NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(**config))
+    assert schedule.dynamic is not None
+    assert math.isclose(schedule.for_sequence_length(256).shift, math.exp(0.5))
+    assert math.isclose(schedule.for_sequence_length(4096).shift, math.exp(1.15))
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    mu = 0.5 + (1024 - 256) * (1.15 - 0.5) / (4096 - 256)
+    scheduler.set_timesteps(sigmas=[0.75, 0.5, 0.25], mu=mu)  # what the pipeline does at 1024 image tokens
+    ours = schedule.for_sequence_length(1024)
+    torch.testing.assert_close(scheduler.sigmas[:3].double(),
+                               ours.sigmas(torch.tensor([750, 500, 250])), rtol=1e-5, atol=1e-6)

@@ -189,6 +189,14 @@ class Backbone(nn.Module):
             return self.denoise(x_t, t, cond)
 
     @classmethod
+    def accepts(cls, config: dict[str, Any]) -> bool:
+        """Whether this adapter takes a model of :attr:`model_class` with ``config`` (default: every one).
+
+        Adapters sharing a diffusers class (SD-1/2 and SDXL U-Nets) split its configs between them.
+        """
+        return True
+
+    @classmethod
     def diffusers_class(cls) -> type[nn.Module]:
         """The diffusers model class this adapter wraps."""
         import diffusers
@@ -204,7 +212,14 @@ class Backbone(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any], scheduler: Any = None, seed: int = 0,
                     **kwargs: Any) -> Backbone:
-        """Builds a randomly initialised model (seeded) from a diffusers config dict."""
+        """Builds a randomly initialised model (seeded) from a diffusers config dict.
+
+        Raises:
+            ValueError: a config this adapter does not take (:meth:`accepts`).
+        """
+        if not cls.accepts(config):
+            raise ValueError(f"{cls.__name__} does not take this {cls.model_class} config; "
+                             f"create_backbone picks the adapter for a folder's config")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls.diffusers_class().from_config(config)
@@ -350,6 +365,14 @@ class Backbone(nn.Module):
     def weights_digest(self) -> str:
         """SHA-256 over every parameter and persistent buffer (names, shapes, dtypes, bytes)."""
         return tensor_digest(self.state_dict())
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """Per-image text prompts as the denoiser's condition (adapters of text-conditioned models override it).
+
+        Raises:
+            TypeError: this backbone takes no text condition.
+        """
+        raise TypeError(f"{self.name} ({type(self.model).__name__}) is not text-conditioned: it takes no prompts")
 
     def condition_spec(self) -> dict[str, Any]:
         """The fixed condition the denoiser sees when none is passed (class label, prompt embedding).

@@ -24,7 +24,9 @@ from difffeat.backbones.base import LOAD_KWARGS, Backbone
 from difffeat.plugins import load_plugins
 
 __all__ = [
+    "adapter_for",
     "create_backbone",
+    "list_adapters",
     "list_backbones",
     "register_adapter",
     "register_backbone",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 _BACKBONES: dict[str, Callable[..., Backbone]] = {}
-_ADAPTERS: dict[str, type[Backbone]] = {}
+_ADAPTERS: dict[str, list[type[Backbone]]] = {}
 
 
 def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
@@ -51,13 +53,17 @@ def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
 def register_adapter(cls: type[Backbone]) -> type[Backbone]:
     """Registers an adapter class for the diffusers class named in its ``model_class``.
 
+    Several adapters may share a diffusers class (SD-1/2 and SDXL are both ``UNet2DConditionModel``);
+    each says which configs it takes with :meth:`Backbone.accepts`, and exactly one must accept a config.
+
     Args:
         cls: a :class:`Backbone` subclass.
 
     Returns:
         ``cls`` unchanged (usable as a decorator).
     """
-    _ADAPTERS[cls.model_class] = cls
+    adapters = _ADAPTERS.setdefault(cls.model_class, [])
+    adapters[:] = [a for a in adapters if a.__qualname__ != cls.__qualname__] + [cls]  # re-import safe
     return cls
 
 
@@ -66,20 +72,29 @@ def list_backbones() -> list[str]:
     return sorted(_BACKBONES)
 
 
-def adapter_for(class_name: str) -> type[Backbone]:
-    """The adapter registered for a diffusers class name.
+def list_adapters() -> dict[str, list[type[Backbone]]]:
+    """The registered adapters by diffusers class name."""
+    return {k: list(v) for k, v in sorted(_ADAPTERS.items())}
+
+
+def adapter_for(class_name: str, config: dict[str, Any] | None = None) -> type[Backbone]:
+    """The adapter registered for a diffusers class name and config.
 
     Args:
         class_name: a diffusers model class name (``UNet2DModel``), as in a folder's ``config.json``.
+        config: the model's config, which picks among adapters of one class (:meth:`Backbone.accepts`).
 
     Raises:
         KeyError: no adapter for it, listing the supported class names.
     """
-    try:
-        return _ADAPTERS[class_name]
-    except KeyError:
+    if class_name not in _ADAPTERS:
         raise KeyError(f"no difffeat adapter for diffusers class {class_name!r}; supported: "
-                       f"{sorted(_ADAPTERS)}") from None
+                       f"{sorted(_ADAPTERS)}")
+    matching = [a for a in _ADAPTERS[class_name] if a.accepts(config or {})]
+    if len(matching) != 1:
+        names = [a.__name__ for a in (matching or _ADAPTERS[class_name])]
+        raise KeyError(f"{len(matching)} adapters accept this {class_name} config (of {names}); expected one")
+    return matching[0]
 
 
 def resolve_local(name_or_path: str | Path) -> Path:
@@ -128,6 +143,7 @@ def _load_folder(folder: Path, **kwargs: Any) -> Backbone:
             raise KeyError(f"{index} names no 'unet' or 'transformer' component; found {sorted(components)}")
         class_name = components[denoiser][1]
         model_dir = folder / denoiser
+        config = _read_json(model_dir / "config.json")
         if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
             kwargs["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
         if "vae" not in kwargs and (folder / "vae").is_dir():
@@ -138,12 +154,13 @@ def _load_folder(folder: Path, **kwargs: Any) -> Backbone:
         if not config.exists():
             raise FileNotFoundError(f"{folder} holds neither model_index.json (a pipeline) nor config.json "
                                     f"(a model): not a diffusers folder")
-        class_name = _read_json(config).get("_class_name")
+        config_path, config = config, _read_json(config)
+        class_name = config.get("_class_name")
         if class_name is None:
-            raise KeyError(f"{config} has no '_class_name' key: not a diffusers model config")
+            raise KeyError(f"{config_path} has no '_class_name' key: not a diffusers model config")
         model_dir = folder
     kwargs.setdefault("name", folder.name)
-    backbone = adapter_for(class_name).from_pretrained(model_dir, **kwargs)
+    backbone = adapter_for(class_name, config).from_pretrained(model_dir, **kwargs)
     load_plugins(folder, backbone)  # each saved plug-in names the module that registers it
     return backbone
 

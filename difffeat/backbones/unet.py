@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from difffeat.backbones.base import Backbone
 from difffeat.backbones.registry import register_adapter
-from difffeat.digest import tensor_digest
+from difffeat.backbones.text import PromptEncoder, TextConditioned, load_text_encoder, tokenize
 
-__all__ = ["UNet2DBackbone", "UNet2DConditionBackbone", "unet_tap_names"]
+__all__ = ["UNet2DBackbone", "UNet2DConditionBackbone", "encode_clip_prompts", "unet_tap_names"]
 
 log = logging.getLogger(__name__)
 
@@ -76,72 +75,74 @@ class UNet2DBackbone(Backbone):
         return self.model(x_t, t, class_labels=labels).sample
 
 
-@register_adapter
-class UNet2DConditionBackbone(Backbone):
-    """A Stable-Diffusion-shaped ``UNet2DConditionModel`` (cross-attention on text embeddings).
+def encode_clip_prompts(pipeline_dir: Path) -> PromptEncoder:
+    """SD-1/2's prompt encoding: CLIP's last hidden state over 77 padded tokens.
 
-    The text condition is, in order of preference: ``cond`` passed at call time (``(B, L, D)``
-    ``encoder_hidden_states``), ``encoder_hidden_states`` given here, the empty prompt read from a
-    ``null_embedding`` safetensors file (key ``prompt_embeds``), or zeros of shape ``(1, 77, D)``. The
-    zero fallback is logged: it is what a model trained with empty-prompt dropout sees least badly, but a
-    real checkpoint should be given its own empty-prompt embedding (difffeat does not ship a text
-    encoder; encode ``""`` once with the pipeline's CLIP and save it).
+    As diffusers' ``StableDiffusionPipeline.encode_prompt`` without ``clip_skip``: ``padding="max_length"``
+    to the tokenizer's ``model_max_length``, truncated, the attention mask passed only where the text
+    encoder's config sets ``use_attention_mask``.
+    """
+    encoder, tokenizer = load_text_encoder(pipeline_dir)
+    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+
+    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
+        tokens = tokenize(tokenizer, prompts)
+        mask = tokens["attention_mask"] if use_mask else None
+        return {"encoder_hidden_states": encoder(tokens["input_ids"], attention_mask=mask)[0].float()}
+
+    return encode
+
+
+@register_adapter
+class UNet2DConditionBackbone(TextConditioned):
+    """A Stable-Diffusion-1/2-shaped ``UNet2DConditionModel`` (cross-attention on CLIP text embeddings).
+
+    The condition is ``encoder_hidden_states`` ``(B, L, D)``: per call (a tensor, or ``prompts`` through
+    the extractor), else the default resolved as :class:`~difffeat.backbones.text.TextConditioned` says: the
+    tensor given here, a ``null_embedding`` file, the empty prompt encoded by the pipeline's CLIP text
+    encoder, or zeros ``(1, 77, D)`` (logged: a real checkpoint should be given its own empty prompt).
 
     Args:
-        model: the diffusers ``UNet2DConditionModel``.
+        model: the diffusers ``UNet2DConditionModel`` (without SDXL's ``text_time`` embedding; see
+            :class:`~difffeat.backbones.sdxl.SDXLBackbone`).
         schedule: its noise schedule (SD's default: scaled-linear β from 0.00085 to 0.012, T = 1000).
         vae: optional ``AutoencoderKL``; images are then encoded to latents with the posterior mean.
-        encoder_hidden_states: a fixed condition ``(1 or B, L, D)``, cached as a buffer.
-        null_embedding: path of a safetensors file with a ``prompt_embeds`` tensor ``(1, L, D)``.
-        **kwargs: see :class:`Backbone`; its ``pipeline_dir`` is searched for
-            ``null_embedding.safetensors`` when no condition is given.
+        encoder_hidden_states: a fixed default condition ``(1 or B, L, D)``.
+        **kwargs: see :class:`~difffeat.backbones.text.TextConditioned` (``condition``, ``null_embedding``,
+            ``pipeline_dir``).
     """
 
     model_class = "UNet2DConditionModel"
     default_scheduler = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}  # noqa: RUF012
 
     def __init__(self, model: nn.Module, schedule: Any, encoder_hidden_states: torch.Tensor | None = None,
-                 null_embedding: str | Path | None = None, **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
+        if encoder_hidden_states is not None:
+            kwargs["condition"] = {**(kwargs.get("condition") or {}), "encoder_hidden_states": encoder_hidden_states}
         super().__init__(model, schedule, **kwargs)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = self._null_embedding(null_embedding, self.pipeline_dir)
-        dim = model.config.cross_attention_dim
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != dim:
-            raise ValueError(f"encoder_hidden_states must have shape (B, L, {dim}), got "
-                             f"{tuple(encoder_hidden_states.shape)}")
-        self.register_buffer("encoder_hidden_states", encoder_hidden_states.float(), persistent=False)
 
-    def _null_embedding(self, path: str | Path | None, pipeline_dir: str | Path | None) -> torch.Tensor:
-        if path is None and pipeline_dir is not None and (Path(pipeline_dir) / "null_embedding.safetensors").exists():
-            path = Path(pipeline_dir) / "null_embedding.safetensors"
-        if path is not None:
-            tensors = load_file(str(path))
-            if "prompt_embeds" not in tensors:
-                raise KeyError(f"{path} has no 'prompt_embeds' tensor; found {sorted(tensors)}")
-            return tensors["prompt_embeds"]
-        log.warning("no encoder_hidden_states or null_embedding given for %s: conditioning on zeros", self.name)
-        return torch.zeros(1, 77, self.model.config.cross_attention_dim)
+    @classmethod
+    def accepts(cls, config: dict[str, Any]) -> bool:
+        """Every ``UNet2DConditionModel`` but SDXL's (``addition_embed_type="text_time"``)."""
+        return config.get("addition_embed_type") != "text_time"
+
+    def null_shapes(self) -> dict[str, tuple[int, ...]]:
+        """77 zero tokens of the cross-attention width."""
+        return {"encoder_hidden_states": (1, 77, int(self.model.config.cross_attention_dim))}
+
+    def load_prompt_encoder(self) -> PromptEncoder:
+        """CLIP's last hidden state (:func:`encode_clip_prompts`)."""
+        return encode_clip_prompts(self.pipeline_dir)
 
     def tap_names(self) -> list[str]:
         """The U-Net's taps (:func:`unet_tap_names`)."""
         return unet_tap_names(self.model)
 
-    def condition_spec(self) -> dict[str, Any]:
-        """The digest of the default text condition, ``encoder_hidden_states``."""
-        # a non-persistent buffer, so outside the weights digest: the prompt is keyed here
-        return {"encoder_hidden_states": tensor_digest(self.encoder_hidden_states)}
-
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        """The U-Net's prediction at ``t``, cross-attending to ``cond`` (default ``encoder_hidden_states``).
-
-        A condition of batch 1 is expanded to the batch of ``x_t``.
+        """The U-Net's prediction at ``t``, cross-attending to ``cond`` (default: the default condition).
 
         Raises:
             ValueError: the condition's batch is neither 1 nor that of ``x_t``.
         """
-        ehs = cond if cond is not None else self.encoder_hidden_states
-        if ehs.shape[0] == 1:
-            ehs = ehs.expand(x_t.shape[0], -1, -1)
-        elif ehs.shape[0] != x_t.shape[0]:
-            raise ValueError(f"encoder_hidden_states has batch {ehs.shape[0]}, the latents {x_t.shape[0]}")
-        return self.model(x_t, t, encoder_hidden_states=ehs.to(x_t.dtype)).sample
+        c = self.condition(cond, x_t.shape[0], x_t.dtype, x_t.device)
+        return self.model(x_t, t, encoder_hidden_states=c["encoder_hidden_states"]).sample
