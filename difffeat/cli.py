@@ -4,6 +4,8 @@
   LightningDataModule named by ``class_path`` (training backbones and heads).
 * ``difffeat extract --config X.yaml``: fills a feature store (Lightning ``predict``, DDP-ready).
 * ``difffeat probe --store DIR``: linear-probe sweep over every feature in a store.
+* ``difffeat backbones [--model NAME_OR_FOLDER] [--match TEXT]``: the supported diffusers families and
+  registered names; with ``--model``, that backbone's tap table (name, kind, channels, stride or grid).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from difffeat.predict import ExtractionModule, extract_to_store
 
-__all__ = ["extract", "main", "probe"]
+__all__ = ["backbones", "extract", "families_table", "main", "probe", "taps_table"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -63,11 +65,55 @@ def probe(store: str, labels_per_class: list[int] | None = None, seeds: list[int
         Path(out).write_text(table + "\n")
 
 
+def families_table() -> str:
+    """A Markdown table of the registered adapters: diffusers class, adapter, condition, and the registered names."""
+    from difffeat.backbones import list_backbones
+    from difffeat.backbones.registry import list_adapters
+
+    lines = ["| diffusers class | adapter | condition |", "|---|---|---|"]
+    for class_name, adapters in list_adapters().items():
+        for adapter in adapters:
+            keys = getattr(adapter, "condition_keys", None)
+            cond = ", ".join(f"`{k}`" for k in keys) if keys else "class label / none"
+            lines.append(f"| `{class_name}` | `{adapter.__module__}.{adapter.__name__}` | {cond} |")
+    return "\n".join(lines) + "\n\nregistered names: " + ", ".join(list_backbones())
+
+
+def taps_table(backbone: Any, match: str | None = None) -> str:
+    """A Markdown table of a backbone's taps in execution order (``match``: keep names containing it)."""
+    lines = ["| tap | kind | channels | stride / token grid |", "|---|---|---|---|"]
+    for name, info in backbone.feature_info.items():
+        if match and match not in name:
+            continue
+        where = f"stride {info.stride}" if info.stride is not None else (
+            f"grid {info.grid[0]}×{info.grid[1]}" if info.grid is not None else "—")
+        lines.append(f"| `{name}` | {info.kind} | {info.channels} | {where} |")
+    return "\n".join(lines)
+
+
+def backbones(model: str | None = None, match: str | None = None) -> None:
+    """Prints the supported families, or the tap table of one backbone.
+
+    Args:
+        model: a registered name or a local diffusers folder; without it, the families are listed.
+        match: only taps whose name contains this text.
+    """
+    if model is None:
+        print(families_table())
+        return
+    from difffeat.backbones import create_backbone
+
+    backbone = create_backbone(model)
+    print(f"{backbone.name}: {type(backbone).__name__} on {type(backbone.model).__name__}, inputs "
+          f"{backbone.image_channels}×{backbone.image_size}×{backbone.image_size} ({backbone.inputs})\n")
+    print(taps_table(backbone, match))
+
+
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of the ``difffeat`` command (``args`` defaults to ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("extract", "probe"):
-        return CLI([extract, probe], args=argv, as_positional=False)
+    if argv and argv[0] in ("extract", "probe", "backbones"):
+        return CLI([extract, probe, backbones], args=argv, as_positional=False)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         if not argv:

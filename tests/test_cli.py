@@ -91,3 +91,26 @@ def test_probe_subcommand_writes_a_table(tmp_path: Path, capsys) -> None:
           "--out", str(out)])
     assert "| `f@t0` | 100.0 | 100.0 |" in out.read_text()
     assert "f@t0" in capsys.readouterr().out
+
+
+def test_backbones_lists_families_and_names(capsys) -> None:
+    from difffeat.backbones import list_backbones
+    from difffeat.backbones.registry import list_adapters
+
+    main(["backbones"])
+    out = capsys.readouterr().out
+    for class_name, adapters in list_adapters().items():
+        assert all(f"| `{class_name}` | `{a.__module__}.{a.__name__}` |" in out for a in adapters)
+    assert all(name in out for name in list_backbones())
+
+
+def test_backbones_prints_a_tap_table(capsys) -> None:
+    from difffeat.backbones import create_backbone
+
+    main(["backbones", "--model", "unet2d-tiny", "--match", "up_blocks"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    info = {n: i for n, i in create_backbone("unet2d-tiny").feature_info.items() if "up_blocks" in n}
+    assert [line.split("`")[1] for line in rows] == list(info)
+    first = info[next(iter(info))]
+    assert rows[0] == f"| `{first.name}` | map | {first.channels} | stride {first.stride} |"
