@@ -11,8 +11,9 @@
   images into a feature store with per-pixel features, and of one epoch of a linear head trained from
   that store through the streaming ``StoreDataset``: both stay flat because shards stream.
 
-On the CPU every forward has at least ``CPU_MIN_ROWS`` (32) rows (see ``difffeat/extract.py``): smaller
-batches are padded, which the tables say where it matters.
+On the CPU every forward has exactly ``CPU_ROWS`` (32) rows (see ``difffeat/extract.py``): rows are chunked
+and padded to it whatever ``batch_size`` says. The bytes table also runs the accelerator path on this CPU
+(``batch_size`` rows per forward, unpadded) as the control that shows why.
 
 Run: ``python -m experiments.bench_extract`` or ``make bench`` (writes ``experiments/results/bench_extract.md``).
 """
@@ -188,10 +189,10 @@ def _child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _chunks(rows: int, batch_size: int, min_rows: int) -> list[int]:
+def _chunks(rows: int, batch_size: int, fixed: int | None) -> list[int]:
     """Rows per forward the extractor runs for ``rows`` rows (mirrors ``FeatureExtractor.features``)."""
-    chunk = max(batch_size, min_rows)
-    return [max(min(chunk, rows - s), min_rows) for s in range(0, rows, chunk)]
+    chunk = fixed or batch_size
+    return [fixed or min(chunk, rows - s) for s in range(0, rows, chunk)]
 
 
 def _fmt_chunks(chunks: list[int]) -> str:
@@ -217,25 +218,48 @@ def _max_abs_diff(a: Path, b: Path) -> float:
     return worst
 
 
-def identity_runs(n: int, shard_size: int, batch_sizes: list[int], tmp: Path) -> tuple[list[dict], int]:
+def identity_runs(n: int, shard_size: int, batch_sizes: list[int], tmp: Path, fixed_rows: bool = True
+                  ) -> tuple[list[dict], int]:
     """Extracts ``RandomLatents(n)`` (all of :data:`TIMESTEPS`, raw ``TAP`` maps) once per batch size, the
-    whole-shard one first; compares every shard file with the whole-shard store's and times each run."""
-    from difffeat.extract import CPU_MIN_ROWS
+    whole-shard one first; compares every shard file with the whole-shard store's and times each run.
+
+    With ``fixed_rows=False`` the extractor runs the accelerator path on this CPU: ``batch_size`` rows
+    per forward, no padding (the control).
+    """
+    import difffeat.extract
+    from difffeat.extract import CPU_ROWS
     from difffeat.predict import ExtractionModule, extract_to_store
     from difffeat.readout import Identity
 
     whole = shard_size * len(TIMESTEPS)
     data = RandomLatents(n)
     # warm-up: Lightning's first Trainer and oneDNN's first kernels, outside every timed span
-    warm = ExtractionModule("sd-unet-small", [TAP], TIMESTEPS[:1], readout=Identity(), batch_size=CPU_MIN_ROWS)
-    extract_to_store(warm, RandomLatents(CPU_MIN_ROWS), tmp / "warm", shard_size=CPU_MIN_ROWS, trainer=TRAINER)
+    warm = ExtractionModule("sd-unet-small", [TAP], TIMESTEPS[:1], readout=Identity(), batch_size=CPU_ROWS)
+    extract_to_store(warm, RandomLatents(CPU_ROWS), tmp / "warm", shard_size=CPU_ROWS, trainer=TRAINER)
     shutil.rmtree(tmp / "warm")
     order = [whole, *[b for b in batch_sizes if b != whole]]
-    rows, ref = [], tmp / f"bs{whole}"
+    arm = "fixed" if fixed_rows else "unpadded"
+    rows, ref = [], tmp / f"{arm}{whole}"
+    policy = difffeat.extract._fixed_rows
+    if not fixed_rows:
+        difffeat.extract._fixed_rows = lambda device: None
+    try:
+        rows = _identity_loop(order, data, tmp, arm, ref, whole, shard_size, CPU_ROWS if fixed_rows else None)
+    finally:
+        difffeat.extract._fixed_rows = policy
+    return rows, whole
+
+
+def _identity_loop(order: list[int], data: Dataset, tmp: Path, arm: str, ref: Path, whole: int, shard_size: int,
+                   fixed: int | None) -> list[dict]:
+    from difffeat.predict import ExtractionModule, extract_to_store
+    from difffeat.readout import Identity
+
+    n, rows = len(data), []
     for bs in order:
         module = ExtractionModule("sd-unet-small", [TAP], TIMESTEPS, readout=Identity(), batch_size=bs)
         _ = module.extractor.backbone.feature_info  # probe forward outside the timed span
-        folder = tmp / f"bs{bs}"
+        folder = tmp / f"{arm}{bs}"
         start = time.perf_counter()
         fs = extract_to_store(module, data, folder, shard_size=shard_size, trainer=TRAINER)
         wall = time.perf_counter() - start
@@ -244,14 +268,14 @@ def identity_runs(n: int, shard_size: int, batch_sizes: list[int], tmp: Path) ->
             mine, theirs = fs.shard_path(k), ref / fs.shard_path(k).name
             same = mine.read_bytes() == theirs.read_bytes()
             shards.append({"identical": same, "max_abs_diff": 0.0 if same else _max_abs_diff(mine, theirs),
-                           "chunks": _chunks(len(fs.shard_range(k)) * len(TIMESTEPS), bs, CPU_MIN_ROWS)})
+                           "chunks": _chunks(len(fs.shard_range(k)) * len(TIMESTEPS), bs, fixed)})
         manifest = (folder / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
         rows.append({"batch_size": bs, "whole": bs == whole, "wall_s": wall, "ms_per_image": wall / n * 1e3,
                      "shards": shards, "manifest_identical": manifest})
         if bs != whole:
             shutil.rmtree(folder)
         del module
-    return rows, whole
+    return rows
 
 
 def main(args: list[str] | None = None) -> None:
@@ -275,7 +299,7 @@ def main(args: list[str] | None = None) -> None:
         return train_run(opts.train_run, opts.keep_batch)
 
     from difffeat.backbones import create_backbone
-    from difffeat.extract import CPU_MIN_ROWS, FeatureExtractor
+    from difffeat.extract import CPU_ROWS, FeatureExtractor
     from difffeat.readout import GlobalAvg
 
     began = time.perf_counter()
@@ -293,7 +317,7 @@ def main(args: list[str] | None = None) -> None:
     # batched: every (image, timestep) row in one forward; the loop: one forward per timestep
     batched = FeatureExtractor(backbone, [TAP], TIMESTEPS, batch_size=opts.batch * nt)
     singles = [FeatureExtractor(backbone, [TAP], [t], batch_size=opts.batch) for t in TIMESTEPS]
-    new_shape = opts.batch * nt > max(opts.batch, CPU_MIN_ROWS)  # a forward size the warm-up did not run
+    new_shape = False  # every CPU forward has CPU_ROWS rows: the warm-up ran that shape
     t_batched = _time(lambda: batched(x), opts.repeats, warmup=new_shape)
     t_loop = _time(lambda: [fe(x) for fe in singles], opts.repeats, warmup=False)
     x1 = x[:1]
@@ -305,6 +329,7 @@ def main(args: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmpdir:
         tmp = Path(tmpdir)
         ident, whole = identity_runs(opts.identity_n, opts.identity_shard, opts.batch_sizes, tmp)
+        control, _ = identity_runs(opts.identity_n, opts.identity_shard, opts.batch_sizes, tmp, fixed_rows=False)
         mem, train, kept = [], [], []
         for n in (opts.memory_n, 10 * opts.memory_n):
             store = tmp / f"mem{n}"
@@ -314,7 +339,7 @@ def main(args: list[str] | None = None) -> None:
             shutil.rmtree(store)
 
     forward_rows = opts.batch
-    pad = "" if forward_rows >= CPU_MIN_ROWS else f" (on the CPU padded to {CPU_MIN_ROWS} rows)"
+    pad = f" (on the CPU each padded to {CPU_ROWS} rows)" if forward_rows < CPU_ROWS else ""
     rows = [
         f"| early exit after `{TAP}` vs full forward with hooks (wall) | {t_full * 1e3:.0f} ms | "
         f"{t_early * 1e3:.0f} ms | {t_full / t_early:.2f}× |",
@@ -323,33 +348,46 @@ def main(args: list[str] | None = None) -> None:
         f"| {nt} timesteps batched ({opts.batch * nt} rows, one forward) vs a Python loop over t ({nt} forwards "
         f"of {opts.batch} rows{pad}) (wall) | {t_loop * 1e3:.0f} ms | {t_batched * 1e3:.0f} ms | "
         f"{t_loop / t_batched:.2f}× |",
-        f"| same with batch 1 ({nt} rows vs {nt} × 1 row, every forward padded to {CPU_MIN_ROWS} rows on the CPU) | "
+        f"| same with batch 1 ({nt} rows vs {nt} × 1 row, every forward padded to {CPU_ROWS} rows on the CPU) | "
         f"{t_loop1 * 1e3:.0f} ms | {t_batched1 * 1e3:.0f} ms | {t_loop1 / t_batched1:.2f}× |",
     ]
 
-    ref = next(r for r in ident if r["whole"])
-    n_shards = len(ref["shards"])
-    shown = sorted(ident, key=lambda r: r["batch_size"])
-    id_head = ("| `batch_size` | rows per forward, " + ", ".join(f"shard {k}" for k in range(n_shards))
-               + " | " + " | ".join(f"shard {k} identical" for k in range(n_shards)) + " | manifest identical | "
-               "max abs difference |")
-    id_rows = []
-    for r in shown:
-        label = f"{r['batch_size']} (whole shard)" if r["whole"] else str(r["batch_size"])
-        chunks = "; ".join(_fmt_chunks(s["chunks"]) for s in r["shards"])
-        same = " | ".join(("reference" if r["whole"] else ("yes" if s["identical"] else "**no**"))
-                          for s in r["shards"])
-        worst = max(s["max_abs_diff"] for s in r["shards"])
-        id_rows.append(f"| {label} | {chunks} | {same} | {'yes' if r['manifest_identical'] else '**no**'} | "
-                       f"{'—' if r['whole'] else f'{worst:.3g}'} |")
-    differing = [r["batch_size"] for r in ident if not r["whole"] and not all(s["identical"] for s in r["shards"])]
+    def identity_table(runs: list[dict]) -> tuple[str, list[int]]:
+        ref = next(r for r in runs if r["whole"])
+        n_shards = len(ref["shards"])
+        head = ("| `batch_size` | rows per forward, " + ", ".join(f"shard {k}" for k in range(n_shards))
+                + " | " + " | ".join(f"shard {k} identical" for k in range(n_shards)) + " | manifest identical | "
+                "max abs difference |")
+        lines = [head, "|---|---|" + "---|" * n_shards + "---|---|"]
+        for r in sorted(runs, key=lambda r: r["batch_size"]):
+            label = f"{r['batch_size']} (whole shard)" if r["whole"] else str(r["batch_size"])
+            chunks = "; ".join(_fmt_chunks(s["chunks"]) for s in r["shards"])
+            same = " | ".join(("reference" if r["whole"] else ("yes" if s["identical"] else "**no**"))
+                              for s in r["shards"])
+            worst = max(s["max_abs_diff"] for s in r["shards"])
+            lines.append(f"| {label} | {chunks} | {same} | {'yes' if r['manifest_identical'] else '**no**'} | "
+                         f"{'—' if r['whole'] else f'{worst:.3g}'} |")
+        differing = [r["batch_size"] for r in runs if not r["whole"] and not all(s["identical"] for s in r["shards"])]
+        return "\n".join(lines), differing
+
+    id_table, differing = identity_table(ident)
+    control_table, control_differing = identity_table(control)
     id_verdict = ("Every shard file is byte-identical to the whole-shard store's." if not differing else
                   f"**Bytes differ** for batch_size {differing} (max abs difference in the table): the contract "
                   f"\"the bytes on disk never depend on the forward batch size\" does not hold here.")
+    control_verdict = ("Unpadded, every shard is byte-identical too on this machine: its kernels happen to be "
+                       "batch-invariant at these sizes." if not control_differing else
+                       f"Unpadded, the bytes differ for batch_size {control_differing}: this CPU's kernels are not "
+                       f"batch-invariant, which is why CPU forwards have a fixed row count.")
     beyond = (f" A `batch_size` of {whole} or more runs the same forwards as the whole shard here, so none is listed."
               if max(opts.batch_sizes) < whole else "")
+    ref = next(r for r in ident if r["whole"])
+    cref = next(r for r in control if r["whole"])
+    shown = sorted(ident, key=lambda r: r["batch_size"])
+    cshown = {r["batch_size"]: r for r in control}
     time_rows = [f"| {r['batch_size']}{' (whole shard)' if r['whole'] else ''} | {r['ms_per_image']:.0f} ms | "
-                 f"{r['wall_s'] / ref['wall_s']:.2f}× |" for r in shown]
+                 f"{r['wall_s'] / ref['wall_s']:.2f}× | {cshown[r['batch_size']]['ms_per_image']:.0f} ms | "
+                 f"{cshown[r['batch_size']]['wall_s'] / cref['wall_s']:.2f}× |" for r in shown]
 
     mem_rows = [f"| {m['n']} | {m['store_mib']:.1f} MiB | {m['peak_mib']:.0f} MiB | {m['vmhwm_mib']:.0f} MiB | "
                 f"{m['growth_mib']:.0f} MiB | {m['baseline_mib']:.0f} MiB |" for m in mem]
@@ -380,9 +418,9 @@ random init) on 32×32×4 latents.
 ## Early exit and timestep batching
 
 Batch {opts.batch}, median of {opts.repeats} run(s) after a warm-up forward ({t_section1:.0f} s for this table).
-On the CPU every forward has at least {CPU_MIN_ROWS} rows (`CPU_MIN_ROWS`, see `difffeat/extract.py`):
-a call with fewer (image, timestep) rows is padded to {CPU_MIN_ROWS}, so the loop over t, whose forwards
-have {opts.batch} and 1 rows, pays for {CPU_MIN_ROWS} rows each; on the CPU these two rows measure mostly that
+On the CPU every forward has exactly {CPU_ROWS} rows (`CPU_ROWS`, see `difffeat/extract.py`): a call
+with fewer (image, timestep) rows is padded to {CPU_ROWS}, so the loop over t, whose forwards have
+{opts.batch} and 1 rows, pays for {CPU_ROWS} rows each; on the CPU these two rows measure mostly that
 padding (on a GPU no padding is done).
 
 | comparison | baseline | difffeat | baseline / difffeat |
@@ -395,24 +433,29 @@ padding (on a GPU no padding is done).
 `b` ({nt} timesteps {TIMESTEPS}, raw `{TAP}` maps (`Identity` readout), float32, {opts.identity_shard}
 images per shard, so a whole shard is {whole} (image, timestep) rows; the short last shard has fewer). Each
 shard file is compared byte for byte with the one of the store made with `batch_size={whole}`, one forward
-per shard. On the CPU a `batch_size` below {CPU_MIN_ROWS} rows is raised to {CPU_MIN_ROWS}, so 1 and 8 run
-exactly the same forwards as {CPU_MIN_ROWS} (their rows here check that the floor is applied, not that small
-forwards agree); {CPU_MIN_ROWS}, 64 and the whole shard are genuinely different forward sizes.{beyond}
+per shard. On the CPU every forward has {CPU_ROWS} rows whatever `batch_size` says, so this first table
+checks the chunking and padding, not kernels: all runs execute the same forwards.{beyond}
 
-{id_head}
-|---|---|{'---|' * n_shards}---|---|
-{chr(10).join(id_rows)}
+{id_table}
 
 {id_verdict}
+
+The control: the same extractions through the accelerator path (`batch_size` rows per forward, no
+padding; `difffeat.extract._fixed_rows` switched off for this run), compared with its own whole-shard store.
+
+{control_table}
+
+{control_verdict}
 
 ## Time per image vs `batch_size`
 
 Wall time of each of the extractions above (Lightning `predict`, store writes included; one run each after
 a warm-up extraction; {nt} timesteps per image, so one image is {nt} rows), against the whole-shard run.
-1 and 8 run the same forwards as {CPU_MIN_ROWS}, so their spread shows the noise of this machine.
+With fixed rows every run executes the same forwards, so their spread shows the noise of this machine; the
+unpadded columns (the control above) run `batch_size` rows per forward.
 
-| `batch_size` | ms per image | time / whole-shard time |
-|---|---|---|
+| `batch_size` | fixed rows: ms per image | / whole shard | unpadded: ms per image | / whole shard |
+|---|---|---|---|---|
 {chr(10).join(time_rows)}
 
 ## Peak memory for 1× and 10× the images
@@ -437,9 +480,8 @@ Training from the store: one epoch of `Sequential(Flatten, Linear({train[0]['in_
 {CLASSES}, stored beside the features); the process imports only torch and `difffeat.store`. The loop
 frees each batch (`del batch, x, y, loss`) before the next is read; the rows "kept" run the plain loop, where
 the last batch and its autograd graph (which holds the input) stay alive while the next batch is read and
-collated. Either way, samples are views into their shard, so a batch of 64 read from {opts.memory_shard}-image
-shards keeps the shards it came from alive until it is collated: the reader holds about
-one batch's worth of shards beside the collated batch, not one shard.
+collated. Samples are copies, not views into their shard, so a collated batch does not keep the
+shards it came from alive: the reader holds one shard beside the batch being collated.
 
 | images | last batch while the next is read | peak RSS (`ru_maxrss`) | `VmHWM` | peak − RSS at start | RSS at start |
 |---|---|---|---|---|---|
