@@ -13,6 +13,7 @@ import torch
 
 from difffeat.backbones.base import Backbone, FeatureInfo, check_images
 from difffeat.backbones.dit import DiTBackbone
+from difffeat.backbones.pixart import PixArtBackbone, pixart_config
 from difffeat.backbones.registry import (
     create_backbone,
     list_backbones,
@@ -20,6 +21,7 @@ from difffeat.backbones.registry import (
     register_backbone,
     resolve_local,
 )
+from difffeat.backbones.sdxl import SDXLBackbone, sdxl_unet_config
 from difffeat.backbones.unet import UNet2DBackbone, UNet2DConditionBackbone
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "Backbone",
     "DiTBackbone",
     "FeatureInfo",
+    "PixArtBackbone",
+    "SDXLBackbone",
     "UNet2DBackbone",
     "UNet2DConditionBackbone",
     "check_images",
@@ -136,3 +140,17 @@ def sd_unet_scenes(**kwargs: Any) -> Backbone:
               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}
     kwargs.setdefault("encoder_hidden_states", torch.zeros(1, 1, 32))
     return UNet2DConditionBackbone.from_config(config, name="sd-unet-scenes", **kwargs)
+
+
+@register_backbone
+def sdxl_unet_tiny(**kwargs: Any) -> Backbone:
+    """An SDXL-shaped U-Net on 8×8×4 latents for unit tests: text width 32 (two 16-wide CLIPs), pooled 16."""
+    config = sdxl_unet_config([8, 16], 8, 32, pooled_dim=16, addition_time_embed_dim=8, layers_per_block=1,
+                              heads=2)
+    return SDXLBackbone.from_config(config, name="sdxl-unet-tiny", **kwargs)
+
+
+@register_backbone
+def pixart_tiny(**kwargs: Any) -> Backbone:
+    """A 2-block PixArt on 8×8×4 latents with patch size 2 (a 4×4 token grid), 32-wide T5 tokens."""
+    return PixArtBackbone.from_config(pixart_config(8, 2, 2, 8, 32), name="pixart-tiny", **kwargs)

@@ -11,21 +11,14 @@ import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tiny_text import write_clip
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tiny_text import tiny_vae, write_clip
 
 from difffeat.backbones import UNet2DConditionBackbone, create_backbone, sd_unet_config
 from difffeat.extract import FeatureExtractor
 
 PROMPTS = ["a photo of a dog", "A RED car,  by the tree!", "", "zebra " * 90]  # the last one is truncated
 LAYERS = ["down_blocks.0", "mid_block", "up_blocks.1"]
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16],
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=4, sample_size=16, layers_per_block=1).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ Shared by the text-conditioned adapter tests (SD-1/2, SDXL, PixArt, SD3, Flux); 
   ``folder/<tokenizer>``, and returns both as loaded back with transformers' ``from_pretrained``;
 * :func:`write_t5` ``(folder, d_model=32, seed=0, ...)`` does the same for a ``T5EncoderModel`` and a
   ``T5TokenizerFast``;
-* :func:`write_clip_tokenizer` / :func:`write_t5_tokenizer` write only the tokenizer.
+* :func:`write_clip_tokenizer` / :func:`write_t5_tokenizer` write only the tokenizer;
+* :func:`tiny_vae` ``(latent_channels=4, seed=0)`` is a 2-level ``AutoencoderKL`` (factor 2) for the pipelines.
 
 Pass the returned objects to a diffusers pipeline's constructor and ``save_pretrained`` it, or use the
 folders directly. No file is downloaded: the CLIP tokenizer is a byte-level BPE from a ``vocab.json`` and a
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["WORDS", "write_clip", "write_clip_tokenizer", "write_t5", "write_t5_tokenizer"]
+__all__ = ["WORDS", "tiny_vae", "write_clip", "write_clip_tokenizer", "write_t5", "write_t5_tokenizer"]
 
 #: words spelled by whole tokens (others fall back to characters)
 WORDS = ("a", "photo", "of", "the", "dog", "cat", "red", "car", "tree", "painting", "house", "blue")
@@ -173,3 +174,15 @@ def write_t5(folder: str | Path, d_model: int = 32, seed: int = 0, layers: int =
         model = T5EncoderModel(config)
     model.save_pretrained(folder / encoder)
     return T5EncoderModel.from_pretrained(folder / encoder, local_files_only=True).eval(), tok
+
+
+def tiny_vae(latent_channels: int = 4, seed: int = 0):
+    """A seeded 2-level ``AutoencoderKL`` (8 and 16 channels, a factor of 2) on RGB images, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                             block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                             up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, sample_size=16,
+                             layers_per_block=1).eval()
