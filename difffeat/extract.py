@@ -5,6 +5,8 @@ For a batch of clean images the extractor
 1. encodes them to the denoiser's input space (identity for pixel models, VAE mean for latent ones);
 2. for each ensemble member draws noise seeded per sample (by dataset index, or by content: see
    :mod:`difffeat.noise`), and noises every (image, timestep) pair: these pairs are the forward *rows*;
+   under the ``"ddim_inversion"`` rule it instead inverts each clean latent once, up through every
+   requested timestep (:func:`difffeat.noise.ddim_invert`), and row (image, t) gets the inverted ``x_t``;
 3. runs the rows through the denoiser in chunks of at most ``batch_size`` rows, with forward hooks on the
    requested layers, stopping right after the deepest one, and applies the readout to each chunk;
 4. averages the read-out features over the ensemble.
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from difffeat.backbones.base import Backbone, to_model_range
-from difffeat.noise import NOISE_RULES, content_keys, seeded_noise
+from difffeat.noise import NOISE_RULES, content_keys, ddim_invert, seeded_noise
 from difffeat.readout import GlobalAvg, Readout
 
 __all__ = ["CPU_ROWS", "DEFAULT_BATCH_SIZE", "FeatureExtractor", "FeatureKey", "feature_name", "parse_feature_name"]
@@ -81,7 +83,8 @@ class FeatureExtractor(nn.Module):
         layers: tap names from ``backbone.feature_info``; an unknown name raises a ``KeyError`` that
             lists the valid ones.
         timesteps: DDPM indices in ``[0, T-1]`` (0 = least noise; see :mod:`difffeat.noise`).
-        ensemble: noise draws averaged per feature (the same draw is shared by all timesteps of a sample).
+        ensemble: noise draws averaged per feature (the same draw is shared by all timesteps of a sample);
+            must be 1 under ``"ddim_inversion"``, which draws no noise.
         seed: base seed; noise for sample key ``i``, member ``e`` comes from ``sample_seed(seed, i, e)``.
         readout: how a tap becomes a feature (default :class:`~difffeat.readout.GlobalAvg`).
         dtype: compute dtype of the backbone (e.g. ``torch.bfloat16`` on a GPU); features are returned
@@ -90,8 +93,18 @@ class FeatureExtractor(nn.Module):
             features are identical, only slower).
         batch_size: (image, timestep) rows per forward on an accelerator; the features do not depend on
             it. On the CPU every forward has :data:`CPU_ROWS` rows (see the module docstring).
-        noise: the noise key rule, ``"index"`` (the sample's dataset index) or ``"content"`` (a hash of
-            the image); see :mod:`difffeat.noise`.
+        noise: where the noised input comes from (see :mod:`difffeat.noise`): seeded random noise keyed
+            by ``"index"`` (the sample's dataset index) or ``"content"`` (a hash of the image), or
+            ``"ddim_inversion"``: the clean latent carried up to each timestep by the backbone's own
+            deterministic ODE (DDIM inversion for ε / v / x0 prediction, Euler from ``σ = 0`` for flow
+            models), one trajectory per image per call through all requested timesteps. Its network
+            calls go through the backbone (plug-ins included) with the same per-image conditions and the
+            same rows per forward as the tapped ones (so features do not depend on ``batch_size`` either);
+            the inversion itself runs without gradients, like drawn noise.
+        inversion_steps: under ``"ddim_inversion"``, the intervals of the uniform grid from 0 to the
+            largest requested timestep; each requested timestep is inserted into the grid so its latent
+            lies at exactly its own noise level (:func:`difffeat.noise.inversion_grid`). Part of
+            :meth:`spec` only under that rule.
         input_range: the value range of the images given (``(0, 1)``, ``(0, 255)``); they are mapped
             linearly onto the ``[-1, 1]`` the backbone expects. ``None`` (default): already in ``[-1, 1]``
             (anything else is refused).
@@ -100,7 +113,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, backbone: Backbone, layers: Sequence[str], timesteps: Sequence[int], ensemble: int = 1,
                  seed: int = 0, readout: Readout | None = None, dtype: torch.dtype | None = None,
                  early_exit: bool = True, batch_size: int = DEFAULT_BATCH_SIZE, noise: str = "index",
-                 input_range: tuple[float, float] | None = None) -> None:
+                 input_range: tuple[float, float] | None = None, inversion_steps: int = 50) -> None:
         super().__init__()
         if not layers:
             raise ValueError(f"give at least one layer; valid layers: {list(backbone.feature_info)}")
@@ -110,6 +123,12 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if noise not in NOISE_RULES:
             raise ValueError(f"noise must be one of {NOISE_RULES}, got {noise!r}")
+        if noise == "ddim_inversion" and ensemble != 1:
+            raise ValueError(f"ensemble={ensemble} with noise='ddim_inversion': the inversion is deterministic, "
+                             f"every member would get the same latent; use ensemble=1, or a random rule "
+                             f"('index', 'content') to average noise draws")
+        if isinstance(inversion_steps, bool) or int(inversion_steps) != inversion_steps or inversion_steps < 1:
+            raise ValueError(f"inversion_steps must be an integer >= 1, got {inversion_steps!r}")
         if input_range is not None:
             to_model_range(torch.zeros(1), input_range)  # validates the pair
         backbone.modules_by_name(layers)  # fails early on unknown names, listing valid ones
@@ -121,7 +140,7 @@ class FeatureExtractor(nn.Module):
         if not self.timesteps:
             raise ValueError("give at least one timestep")
         self.ensemble, self.seed, self.early_exit = ensemble, seed, early_exit
-        self.batch_size, self.noise = batch_size, noise
+        self.batch_size, self.noise, self.inversion_steps = batch_size, noise, int(inversion_steps)
         self.input_range = tuple(float(v) for v in input_range) if input_range is not None else None
         self.readout = readout if readout is not None else GlobalAvg()
 
@@ -148,15 +167,19 @@ class FeatureExtractor(nn.Module):
         """Everything that determines the features but the data.
 
         The backbone's :meth:`Backbone.spec` and the extractor's own settings (``batch_size`` is not
-        among them: it does not change a feature).
+        among them: it does not change a feature; ``inversion_steps`` is, under ``"ddim_inversion"`` only,
+        so keys of the random rules are unchanged).
         """
         readout = {k: v for k, v in vars(self.readout).items() if not k.startswith("_") and k != "training"}
-        return {"backbone": self.backbone.spec(), "name": self.backbone.name, "layers": self.layers,
+        spec = {"backbone": self.backbone.spec(), "name": self.backbone.name, "layers": self.layers,
                 "timesteps": self.timesteps, "ensemble": self.ensemble, "seed": self.seed, "noise": self.noise,
                 "input_range": self.input_range, "readout": type(self.readout).__name__, "readout_args": readout}
+        if self.noise == "ddim_inversion":
+            spec["inversion_steps"] = self.inversion_steps
+        return spec
 
     def noise_keys(self, images: torch.Tensor, indices: torch.Tensor | Sequence[int] | None) -> list[int]:
-        """The per-sample keys that seed the noise under this extractor's rule."""
+        """The per-sample keys that seed the noise under this extractor's rule (unused by ``"ddim_inversion"``)."""
         if self.noise == "content":
             return content_keys(images)
         b = images.shape[0]
@@ -212,21 +235,26 @@ class FeatureExtractor(nn.Module):
             cond = self.backbone.encode_prompts(list(prompts))
         keys = self.noise_keys(images, indices)
         # rows are (timestep, image) pairs, t-major: chunk r covers rows [r·bs, (r+1)·bs)
-        rows_t = torch.tensor(self.timesteps, device=device).repeat_interleave(b)
+        steps = torch.tensor(self.timesteps, device=device)
+        rows_k = torch.arange(len(self.timesteps), device=device).repeat_interleave(b)  # position in timesteps
         rows_i = torch.arange(b, device=device).repeat(len(self.timesteps))
         infos = self.backbone.feature_info
         sums: dict[FeatureKey, torch.Tensor] = {}
         fixed = _fixed_rows(device)
         chunk = fixed or self.batch_size
+        inverted = self._inverted(x0, cond, chunk, fixed) if self.noise == "ddim_inversion" else None
         for member in range(self.ensemble):
-            noise = seeded_noise(x0.shape[1:], keys, self.seed, member, dtype=dtype, device=device)
+            if inverted is None:
+                noise = seeded_noise(x0.shape[1:], keys, self.seed, member, dtype=dtype, device=device)
             parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers}
-            for start in range(0, len(rows_t), chunk):
-                t, i = rows_t[start:start + chunk], rows_i[start:start + chunk]
-                n = len(t)
+            for start in range(0, len(rows_k), chunk):
+                k, i = rows_k[start:start + chunk], rows_i[start:start + chunk]
+                n = len(k)
                 if fixed and n < chunk:  # pad by repeating the last row (see the module docstring)
-                    t, i = torch.cat([t, t[-1:].expand(chunk - n)]), torch.cat([i, i[-1:].expand(chunk - n)])
-                x_t = self.backbone.schedule.add_noise(x0[i], noise[i], t)
+                    k, i = torch.cat([k, k[-1:].expand(chunk - n)]), torch.cat([i, i[-1:].expand(chunk - n)])
+                t = steps[k]
+                # where the noise comes from: a seeded draw, or the inverted latent at row (image, t)
+                x_t = self.backbone.schedule.add_noise(x0[i], noise[i], t) if inverted is None else inverted[k, i]
                 c = _condition_rows(cond, i, b)
                 with self.backbone.tap(self.layers, stop_early=self.early_exit) as found:
                     self.backbone.run(x_t, self.backbone.schedule.model_timesteps(t), c)
@@ -240,3 +268,27 @@ class FeatureExtractor(nn.Module):
                     sums[key] = per_t[ti] if key not in sums else sums[key] + per_t[ti]
         return {key: (v / self.ensemble if self.ensemble > 1 else v).contiguous() for key, v in
                 ((k, sums[k]) for k in self.keys)}
+
+    def _inverted(self, x0: torch.Tensor, cond: Any, chunk: int, fixed: int | None) -> torch.Tensor:
+        """The ``"ddim_inversion"`` latents, ``(len(timesteps), B, ...)`` in the order of ``self.timesteps``.
+
+        One :func:`~difffeat.noise.ddim_invert` trajectory for the whole batch; each of its network calls
+        runs the batch through the backbone module (so self-conditioning and other plug-ins apply) in
+        chunks of ``chunk`` images, with each image's own condition, padded to ``fixed`` rows on the CPU
+        exactly like the tapped forwards, so an image's latents do not depend on the batch it is in.
+        """
+        b = x0.shape[0]
+
+        def denoise(x: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for start in range(0, b, chunk):
+                i = torch.arange(start, min(start + chunk, b), device=x.device)
+                n = len(i)
+                if fixed and n < chunk:  # pad by repeating the last row (see the module docstring)
+                    i = torch.cat([i, i[-1:].expand(chunk - n)])
+                outs.append(self.backbone(x[i], model_t[i], _condition_rows(cond, i, b))[:n])
+            return torch.cat(outs)
+
+        with torch.no_grad():  # the inverted latent is where the noise comes from, a constant like drawn noise
+            latents = ddim_invert(denoise, self.backbone.schedule, x0, self.timesteps, self.inversion_steps)
+        return torch.stack([latents[t] for t in self.timesteps])

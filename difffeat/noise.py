@@ -9,32 +9,45 @@ difffeat speaks of two timestep conventions and converts between them nowhere el
 * **Continuous** ``t ∈ [0, 1]`` for interpolant (flow / SiT) objectives, where ``t = 0`` is data and
   ``t = 1`` is pure noise: ``x_t = (1 - t) x + t ε``.
 
-Noise is drawn per sample from a generator seeded by ``(seed, sample key, ensemble member)``, so a
-sample's features never depend on the batch it happens to be in nor on the order of the data. Two rules
-give the sample key (:data:`NOISE_RULES`):
+A noise rule (:data:`NOISE_RULES`) says where the noised input ``x_t`` of a sample comes from. The two
+random rules (:data:`RANDOM_NOISE_RULES`) draw noise per sample from a generator seeded by ``(seed,
+sample key, ensemble member)``, so a sample's features never depend on the batch it happens to be in nor
+on the order of the data; they differ in the sample key:
 
 * ``"index"`` (default): the sample's dataset index. Features are reproducible given the dataset order;
   the same image at two indices gets two noise draws.
 * ``"content"``: a hash of the image's bytes (:func:`content_keys`). The same image gets the same noise
   wherever it appears, which episodic evaluation needs: an image that is a support in one episode and a
   query in another, or seen in several batches, must not change features with the episode.
+
+The third rule draws no noise at all:
+
+* ``"ddim_inversion"``: ``x_t`` is the clean latent carried deterministically up to ``t`` by the
+  backbone's own probability-flow ODE (:func:`ddim_invert`): DDIM inversion for ε / v / x0 prediction,
+  Euler integration from ``σ = 0`` upward for flow models. The noise is then the one the model itself
+  "sees" in the image; the same image gets the same ``x_t`` wherever it appears, and an ensemble of
+  draws means nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
+    "INVERSION_PREDICTION_TYPES",
     "NOISE_RULES",
+    "RANDOM_NOISE_RULES",
     "FlowSchedule",
     "NoiseSchedule",
     "content_keys",
+    "ddim_invert",
     "flow_interpolate",
+    "inversion_grid",
     "sample_seed",
     "seeded_noise",
 ]
@@ -235,8 +248,11 @@ def seeded_noise(shape: Sequence[int], indices: Sequence[int], seed: int, member
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-#: how a sample's noise key is chosen: its dataset index, or a hash of its content
-NOISE_RULES = ("index", "content")
+#: the rules that draw seeded random noise, keyed by the sample's dataset index or by a hash of its content
+RANDOM_NOISE_RULES = ("index", "content")
+#: every rule for where a sample's noised input comes from: seeded random noise, or the deterministic
+#: inversion of its clean latent (:func:`ddim_invert`)
+NOISE_RULES = (*RANDOM_NOISE_RULES, "ddim_inversion")
 
 
 def content_keys(images: torch.Tensor) -> list[int]:
@@ -247,3 +263,139 @@ def content_keys(images: torch.Tensor) -> list[int]:
         h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
         keys.append(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
     return keys
+
+
+#: what a discrete network may predict for :func:`ddim_invert` (diffusers' names); flow models predict a velocity
+INVERSION_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def inversion_grid(timesteps: Sequence[int], steps: int) -> list[int]:
+    """The integer indices an inversion visits, in increasing order.
+
+    The uniform grid ``round(linspace(0, max(timesteps), steps + 1))`` (``steps`` intervals) with every
+    requested timestep inserted, so that each one is a grid point and its latent is taken exactly at its
+    own noise level rather than at the nearest grid point. Inserted timesteps add network evaluations
+    (at most ``len(timesteps) - 1``); where ``steps`` exceeds ``max(timesteps)`` rounding merges points
+    and the grid is every index from 0.
+
+    Args:
+        timesteps: the requested integer indices (any order, repeats allowed).
+        steps: the intervals of the uniform part of the grid.
+
+    Returns:
+        Sorted distinct indices, starting at 0 and ending at ``max(timesteps)``.
+
+    Raises:
+        ValueError: ``steps < 1``, no timestep, or a negative one.
+    """
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"inversion steps must be an integer >= 1, got {steps!r}")
+    ts = sorted({int(t) for t in timesteps})
+    if not ts:
+        raise ValueError("give at least one timestep to invert to")
+    if ts[0] < 0:
+        raise ValueError(f"timestep {ts[0]} is negative; inversion runs from index 0 upward")
+    uniform = torch.linspace(0, ts[-1], int(steps) + 1, dtype=torch.float64).round().long().tolist()
+    return sorted({0, *uniform, *ts})
+
+
+def _inversion_stepper(schedule: NoiseSchedule, grid: list[int]) -> Callable[[int, torch.Tensor, torch.Tensor],
+                                                                               torch.Tensor]:
+    """``step(j, prediction, x)``: the scheduler update from grid point ``j - 1`` to grid point ``j``.
+
+    Discrete models: diffusers' ``DDIMInverseScheduler`` built over the grid itself, as
+    :func:`difffeat.sample.sampling_scheduler` builds its ``DDIMScheduler`` (DDIM's sub-sequence τ): one
+    scheduler index per grid point, ``ᾱ`` set to the backbone's ``ᾱ`` at the grid points (float64, not the
+    scheduler's float32 product of betas), ``steps_offset=0`` and ``"leading"`` spacing with as many
+    inference steps as indices, so ``step(·, j, ·)`` goes exactly from ``ᾱ`` at point ``j - 1`` to ``ᾱ``
+    at point ``j``. ``set_alpha_to_one=False``: the clean latent is the state at index 0 (see
+    :func:`ddim_invert`), so no step ever starts from ``ᾱ = 1``, where an x0-predicting network gives no
+    ε. ``clip_sample=False``: latents have no range. Flow models: ``FlowMatchEulerDiscreteScheduler`` with
+    the schedule's own ``σ`` along the grid (shift 1 in the scheduler, since :meth:`FlowSchedule.sigmas`
+    already applies the schedule's shift), stepped from ``σ = 0`` upward: its Euler update
+    ``x + (σ_next - σ) v`` does not care which way ``σ`` runs.
+    """
+    from diffusers import DDIMInverseScheduler, FlowMatchEulerDiscreteScheduler
+
+    index = torch.tensor(grid)
+    if isinstance(schedule, FlowSchedule):
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, shift=1.0)
+        scheduler.set_timesteps(sigmas=schedule.sigmas(index).tolist())
+        scheduler.set_begin_index(0)  # step i goes from σ[i] to σ[i + 1]; no timestep lookup
+
+        def flow_step(j: int, prediction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return scheduler.step(prediction, scheduler.timesteps[j - 1], x).prev_sample.to(x.dtype)
+
+        return flow_step
+    if schedule.prediction_type not in INVERSION_PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {schedule.prediction_type!r}; DDIM inversion takes "
+                         f"{', '.join(map(repr, INVERSION_PREDICTION_TYPES))} (and flow models)")
+    a = schedule.alphas_cumprod[index]  # ᾱ along the grid, least noisy first
+    betas = 1 - a / torch.cat([a.new_ones(1), a[:-1]])
+    scheduler = DDIMInverseScheduler(num_train_timesteps=len(grid), trained_betas=betas.tolist(), clip_sample=False,
+                                     set_alpha_to_one=False, steps_offset=0, timestep_spacing="leading",
+                                     prediction_type=schedule.prediction_type)
+    scheduler.alphas_cumprod = a
+    scheduler.set_timesteps(len(grid))  # step ratio 1: step(·, j, ·) starts at index j - 1
+
+    def ddim_step(j: int, prediction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return scheduler.step(prediction, j, x).prev_sample.to(x.dtype)
+
+    return ddim_step
+
+
+def ddim_invert(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
+                x0: torch.Tensor, timesteps: Sequence[int], steps: int) -> dict[int, torch.Tensor]:
+    """Carries clean latents deterministically up to each requested timestep (the ``"ddim_inversion"`` rule).
+
+    One trajectory per call visits the points of :func:`inversion_grid` in increasing order and keeps the
+    latent at every requested timestep on the way, so ``k`` timesteps cost one pass, not ``k``. Each
+    step evaluates the network at the state it starts from, at that state's own timestep (explicit
+    integration of the probability-flow ODE upward: DDIM, Song, Meng & Ermon 2021, §4.3), and moves
+    to the next grid point with the scheduler's deterministic update: for discrete models
+    ``x_{t'} = sqrt(ᾱ_{t'}) x̂0 + sqrt(1 - ᾱ_{t'}) ε̂`` (``DDIMInverseScheduler.step``), for flow models
+    ``x_{σ'} = x_σ + (σ' - σ) v̂`` (``FlowMatchEulerDiscreteScheduler.step``). The latent returned for ``t``
+    therefore lies at exactly ``ᾱ_t`` (or ``σ_t``), not at a neighbouring grid point.
+
+    Convention at the clean end: the clean latent is taken as the state at index 0 (``ᾱ_0 ≈ 0.9999``,
+    "visually clean", for DDPM schedules; ``σ = 0``, exactly data, for flow ones), as diffusers'
+    ``DDIMInverseScheduler`` does with Stable Diffusion's scheduler config (``set_alpha_to_one=False``:
+    the first step starts from ``ᾱ_0``), and ``timesteps`` containing 0 gives the clean latent back.
+    Starting at ``ᾱ = 1`` instead would show the network an ``ᾱ = 1`` state labelled ``t = 0`` and leave
+    ε undefined for x0-predicting models. diffusers' inversion pipelines evaluate the network at the
+    *target* timestep of each step, on a state that is not at that noise level; here every network call
+    sees a state at exactly the noise level of the timestep it is given, which makes the inversion the
+    exact reverse of a DDIM / Euler sampler on the same grid for a perfect denoiser (the tests check it).
+
+    Args:
+        denoise: ``denoise(x, model_t) -> prediction``: the network's output for the batch ``x`` at the
+            per-row timesteps ``model_t`` (already in the network's convention,
+            :meth:`NoiseSchedule.model_timesteps`). Extra output channels beyond the latent's (a DiT's
+            learned variance) are dropped, as the samplers do.
+        schedule: the backbone's schedule; its ``prediction_type`` says what ``denoise`` returns (``"flow"``:
+            the velocity ``ε - x0``).
+        x0: clean latents ``(B, C, ...)``.
+        timesteps: requested integer indices in ``[0, T-1]``.
+        steps: intervals of the uniform part of the grid (:func:`inversion_grid`).
+
+    Returns:
+        ``{t: x_t}`` for each requested ``t`` (ascending), in ``x0``'s dtype; the trajectory runs in
+        float32 (float64 for float64 input).
+
+    Raises:
+        ValueError: a timestep outside ``[0, T-1]``, ``steps < 1``, or an unknown prediction type.
+    """
+    ts = sorted(set(schedule.validate(timesteps)))
+    grid = inversion_grid(ts, steps)
+    work = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    step = _inversion_stepper(schedule, grid) if len(grid) > 1 else None
+    wanted, channels, b = set(ts), x0.shape[1], x0.shape[0]
+    x = x0.to(work)
+    out = {0: x0.clone()} if 0 in wanted else {}
+    for j in range(1, len(grid)):
+        t = torch.full((b,), grid[j - 1], dtype=torch.long, device=x0.device)
+        prediction = denoise(x.to(x0.dtype), schedule.model_timesteps(t))[:, :channels]
+        x = step(j, prediction.to(work), x)
+        if grid[j] in wanted:
+            out[grid[j]] = x.to(x0.dtype)
+    return {t: out[t] for t in ts}
