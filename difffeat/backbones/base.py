@@ -3,7 +3,8 @@
 An adapter wraps a diffusers model without copying its ``forward``: intermediate activations are
 read by removable forward hooks, and the forward stops early by raising a private signal from the
 hook on the deepest requested tap. diffusers releases can change the body of ``forward`` freely; only
-module names matter here.
+module names matter here. Besides the adapter's own taps, every diffusers attention module offers its
+queries, keys, values and attention maps (:class:`~difffeat.backbones.attention.AttentionTaps`).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ class FeatureInfo:
     """What one tap produces.
 
     Attributes:
-        name: stable tap name, the module path inside the diffusers model (``up_blocks.1``).
-        channels: channels of a map, or width of a token.
-        stride: input pixels (or latent cells) per feature cell; ``None`` for tokens.
-        grid: token grid ``(h, w)`` for token outputs; ``None`` for maps.
-        kind: ``"map"`` for ``(B, C, H, W)`` outputs, ``"tokens"`` for ``(B, N, D)``.
+        name: stable tap name, the module path inside the diffusers model (``up_blocks.1``), or an
+            attention module's path and part (``….attn2.q``, ``….attn2.map``; see :meth:`Backbone.tap`).
+        channels: channels of a map, width of a token, or the key count ``Nk`` of an attention map.
+        stride: input pixels (or latent cells) per feature cell; ``None`` for tokens and attention maps.
+        grid: token grid ``(h, w)`` for token outputs (the queries' grid for attention maps); ``None`` for
+            maps and for tokens that fill no grid (a cross-attention's text keys).
+        kind: ``"map"`` for ``(B, C, H, W)`` outputs, ``"tokens"`` for ``(B, N, D)``, ``"attention"`` for
+            head-mean attention probabilities ``(B, Nq, Nk)``, ``"attention_heads"`` for ``(B, heads, Nq, Nk)``.
         order: position in execution order (0 runs first); the extractor stops after the largest.
     """
 
@@ -266,13 +270,64 @@ class Backbone(nn.Module):
         latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
         return latents * self.vae.config.scaling_factor
 
+    def _attention_modules(self) -> dict[str, nn.Module]:
+        from difffeat.backbones.attention import attention_modules
+
+        return attention_modules(self.model)
+
     def modules_by_name(self, names: Sequence[str]) -> dict[str, nn.Module]:
-        """The tap modules for ``names``; an unknown name is a ``KeyError`` listing the valid ones."""
-        valid = list(self.feature_info)
+        """The modules whose hooks read ``names``.
+
+        A tap's own module, and for an attention tap (``<attention>.q`` …, see :meth:`tap`) the projection
+        it reads (``to_q``, ``to_k``, ``to_v``) or, for ``map`` / ``map_heads``, the attention module.
+
+        Raises:
+            KeyError: an unknown name, listing the valid ones (attention taps summarised).
+            ValueError: an attention map that is not offered (its module applies rotary embeddings).
+        """
+        from difffeat.backbones.attention import split_attention_tap
+
+        valid = self.feature_info
+        refused = [n for n in names if n in getattr(self, "_refused_taps", {})]
+        if refused:
+            raise ValueError(self._refused_taps[refused[0]])
         unknown = [n for n in names if n not in valid]
         if unknown:
-            raise KeyError(f"unknown layer(s) {unknown} for {self.name}; valid layers: {valid}")
-        return {n: self.model.get_submodule(n) for n in names}
+            raise KeyError(f"unknown layer(s) {unknown} for {self.name}; valid layers: {self._valid_summary()}")
+        attentions = self._attention_modules()
+        modules = {}
+        for n in names:
+            split = split_attention_tap(n, attentions)
+            if split is None:
+                modules[n] = self.model.get_submodule(n)
+            else:
+                path, part = split
+                modules[n] = attentions[path] if part.startswith("map") else getattr(attentions[path], f"to_{part}")
+        return modules
+
+    #: how many plain tap names an unknown-layer error lists before it shortens the list
+    MAX_LISTED_TAPS = 60
+
+    def _valid_summary(self) -> str:
+        """The valid tap names for an error message: plain taps listed, attention taps summarised."""
+        from difffeat.backbones.attention import ATTENTION_PARTS, split_attention_tap
+
+        attentions = self._attention_modules()
+        plain, paths = [], []
+        for n in self.feature_info:
+            split = split_attention_tap(n, attentions)
+            if split is None:
+                plain.append(n)
+            elif split[0] not in paths:
+                paths.append(split[0])
+        text = str(plain[:self.MAX_LISTED_TAPS])
+        if len(plain) > self.MAX_LISTED_TAPS:
+            text += f" and {len(plain) - self.MAX_LISTED_TAPS} more"
+        if paths:
+            example = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
+            text += (f"; attention taps <attention>.{{{','.join(ATTENTION_PARTS)}}} for {len(paths)} attention "
+                     f"module(s) ({example}); backbone.feature_info lists them all")
+        return text
 
     @contextmanager
     def tap(self, names: Sequence[str], stop_early: bool = True) -> Iterator[dict[str, torch.Tensor]]:
@@ -281,22 +336,43 @@ class Backbone(nn.Module):
         With ``stop_early`` the hook on the last tap to run raises a stop signal, so the rest of the
         network is skipped; call the model through :meth:`run` to have it caught. Hooks are removed on
         exit, also after an error.
+
+        Attention taps (``<attention path>.q``, ``.k``, ``.v``, ``.map``, ``.map_heads`` for every diffusers
+        attention module of the model, e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2.map``) are
+        read by :class:`~difffeat.backbones.attention.AttentionTaps`: projections as tokens ``(B, N, D)``,
+        ``map`` as head-mean probabilities ``(B, Nq, Nk)`` (FeatureInfo kind ``"attention"``, channels
+        ``Nk``, grid the queries' token grid, so :class:`~difffeat.readout.Identity` folds it to
+        ``(B, Nk, h, w)``: each key's attention over the image, and ``GlobalAvg`` gives the mean attention
+        each key receives), ``map_heads`` as ``(B, heads, Nq, Nk)`` (kind ``"attention_heads"``; read it
+        with ``Identity()``, which passes it through unchanged). A map costs ``4·B·Nq·Nk`` bytes
+        (``·heads`` for ``map_heads``) and is refused above
+        :data:`~difffeat.backbones.attention.MAP_MEMORY_LIMIT`.
         """
-        modules = self.modules_by_name(names)
-        last = max(names, key=lambda n: self.feature_info[n].order) if stop_early and names else None
+        from difffeat.backbones.attention import AttentionTaps, split_attention_tap
+
+        self.modules_by_name(names)  # validates every name
+        unique = list(dict.fromkeys(names))
+        attentions = self._attention_modules()
+        virtual = [n for n in unique if split_attention_tap(n, attentions) is not None]
+        plain = [n for n in unique if n not in virtual]
+        last = max(unique, key=lambda n: self.feature_info[n].order) if stop_early and unique else None
         found: dict[str, torch.Tensor] = {}
+
+        def record(name: str, tensor: torch.Tensor) -> None:
+            found[name] = tensor
+            if name == last and len(found) == len(unique):
+                raise _StopForward
 
         def make_hook(name: str):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                found[name] = self.read_output(name, output)
-                if name == last and len(found) == len(modules):
-                    raise _StopForward
+                record(name, self.read_output(name, output))
 
             return hook
 
-        handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+        handles = [self.model.get_submodule(n).register_forward_hook(make_hook(n)) for n in plain]
         try:
-            yield found
+            with AttentionTaps(attentions, virtual, record).hooks():
+                yield found
         finally:
             for h in handles:
                 h.remove()
@@ -317,38 +393,80 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def _probe_feature_info(self) -> dict[str, FeatureInfo]:
+        """One forward at the trained size with hooks on every tap and every attention module's parts.
+
+        Attention maps are probed as shapes only (``meta`` tensors), so the probe allocates no ``N²`` map.
+        """
+        from difffeat.backbones.attention import ATTENTION_PARTS, AttentionTaps, rotary_refusal
+
         names = self.tap_names()
         modules = {n: self.model.get_submodule(n) for n in names}
+        attentions = self._attention_modules()
+        virtual = [f"{path}.{part}" for path in attentions for part in ATTENTION_PARTS]
         seen: dict[str, torch.Tensor] = {}
-        order: list[str] = []
+        first: dict[str, int] = {}
+
+        def record(name: str, tensor: torch.Tensor) -> None:
+            seen[name] = tensor
+            first.setdefault(name, len(first))
 
         def make_hook(name: str):
             def hook(_m: nn.Module, _i: Any, output: Any) -> None:
-                seen[name] = self.read_output(name, output)
-                order.append(name)
+                record(name, self.read_output(name, output))
 
             return hook
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+        probe = AttentionTaps(attentions, virtual, record, probe=True)
         try:
-            param = next(self.model.parameters())
-            size = self.latent_size
-            x = torch.zeros(1, self.latent_channels, size, size, device=param.device, dtype=param.dtype)
-            self(x, torch.zeros(1, dtype=torch.long, device=param.device))
+            with probe.hooks():
+                param = next(self.model.parameters())
+                size = self.latent_size
+                x = torch.zeros(1, self.latent_channels, size, size, device=param.device, dtype=param.dtype)
+                self(x, torch.zeros(1, dtype=torch.long, device=param.device))
         finally:
             for h in handles:
                 h.remove()
+        self._refused_taps = {f"{p}.{part}": rotary_refusal(p) for p in probe.rotary for part in ("map", "map_heads")}
         info = {}
         for name in names:
             if name not in seen:  # a module that exists but is not run (e.g. unused upsampler)
                 continue
             out = seen[name]
-            rank = order.index(name)
+            rank = first[name]
             if out.ndim == 4:
                 info[name] = FeatureInfo(name, out.shape[1], self.latent_size // out.shape[-1], None, "map", rank)
             elif out.ndim == 3:
                 info[name] = FeatureInfo(name, out.shape[-1], None, self.token_grid(out.shape[1]), "tokens", rank)
+        for name in virtual:
+            if name in seen and name not in self._refused_taps and name not in info:
+                info[name] = self._attention_info(name, seen, attentions, first[name])
         return dict(sorted(info.items(), key=lambda kv: kv[1].order))
+
+    def _attention_info(self, name: str, seen: dict[str, torch.Tensor], attentions: dict[str, nn.Module],
+                        rank: int) -> FeatureInfo:
+        """FeatureInfo of an attention tap: tokens for ``q`` / ``k`` / ``v``, ``Nk`` channels for maps.
+
+        The grid is the queries' token grid where their count fills one; keys and values share it only in
+        a self-attention (a cross-attention's keys are text tokens: no grid).
+        """
+        path, _, part = name.rpartition(".")
+        out = seen[name]
+        query = seen.get(f"{path}.q")
+        grid = self._grid_or_none(query.shape[1]) if query is not None else None
+        if part in ("k", "v") and (getattr(attentions[path], "is_cross_attention", False) or query is None
+                                   or out.shape[1] != query.shape[1]):
+            grid = None
+        kind = {"map": "attention", "map_heads": "attention_heads"}.get(part, "tokens")
+        return FeatureInfo(name, int(out.shape[-1]), None, grid, kind, rank)
+
+    def _grid_or_none(self, num_tokens: int) -> tuple[int, int] | None:
+        """:meth:`token_grid` where it gives a grid of exactly ``num_tokens`` cells, else ``None``."""
+        try:
+            h, w = self.token_grid(num_tokens)
+        except ValueError:
+            return None
+        return (h, w) if h * w == num_tokens else None
 
     def token_grid(self, num_tokens: int) -> tuple[int, int]:
         """The ``(h, w)`` grid of a token sequence at the probe size (square inputs)."""
