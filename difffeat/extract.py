@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difffeat.backbones.base import Backbone, to_model_range
+from difffeat.backbones.base import Backbone, check_images, to_model_range
 from difffeat.noise import NOISE_RULES, content_keys, ddim_invert, seeded_noise
 from difffeat.readout import GlobalAvg, Readout
 
@@ -178,6 +178,19 @@ class FeatureExtractor(nn.Module):
             spec["inversion_steps"] = self.inversion_steps
         return spec
 
+    def _encode(self, images: Any) -> torch.Tensor:
+        """Images to the denoiser's input space, the VAE run so an image's latent does not depend on its batch.
+
+        On the CPU the VAE encodes one image per call (its kernels, like the denoiser's, round differently at
+        other batch sizes; one image at a time keeps memory at one image's activations), elsewhere
+        ``batch_size`` images per call.
+        """
+        if self.backbone.vae is None or not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) < 2:
+            return self.backbone.encode(images)
+        check_images(images, self.backbone.image_channels)  # the whole batch, before any work
+        chunk = 1 if _fixed_rows(images.device) else self.batch_size
+        return torch.cat([self.backbone.encode(images[s:s + chunk]) for s in range(0, len(images), chunk)])
+
     def noise_keys(self, images: torch.Tensor, indices: torch.Tensor | Sequence[int] | None) -> list[int]:
         """The per-sample keys that seed the noise under this extractor's rule (unused by ``"ddim_inversion"``)."""
         if self.noise == "content":
@@ -224,7 +237,7 @@ class FeatureExtractor(nn.Module):
             images = to_model_range(images, self.input_range)  # uint8 included
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             images = images.to(device=device, dtype=dtype)
-        x0 = self.backbone.encode(images)  # checks type, shape and range first
+        x0 = self._encode(images)  # checks type, shape and range first
         b = x0.shape[0]
         if prompts is not None:
             if cond is not None:

@@ -137,3 +137,28 @@ def test_without_fixed_rows_batch_sizes_agree_to_rounding(monkeypatch) -> None:
     for other in runs[1:]:
         for key in runs[0]:
             torch.testing.assert_close(other[key], runs[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_an_image_latent_does_not_depend_on_the_images_beside_it() -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16],
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=4, layers_per_block=1).eval()
+    backbone = create_backbone("sd-unet-tiny", vae=vae, encoder_hidden_states=torch.zeros(1, 1, 16))
+    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fe = FeatureExtractor(backbone, ["mid_block"], [100])
+    together = fe(x, range(5))[("mid_block", 100)]
+    for i in (0, 3):
+        assert torch.equal(fe(x[i:i + 1], [i])[("mid_block", 100)][0], together[i])
+    bad = x.clone()
+    bad[4] *= 300  # a [0, 255]-range image last in the batch: refused before any image is encoded
+    calls: list[int] = []
+    handle = vae.encoder.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
+    try:
+        with pytest.raises(ValueError, match="input_range"):
+            fe(bad, range(5))
+    finally:
+        handle.remove()
+    assert calls == []
