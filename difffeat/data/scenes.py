@@ -114,34 +114,94 @@ def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
+def _object_texture(colour: np.ndarray, background: np.ndarray, size: int, rng: np.random.Generator
+                    ) -> np.ndarray:
+    """A per-instance texture ``(3, size, size)``: stripes of ``colour`` and a second random colour, shaded.
+
+    Frequency, angle, stripe contrast and the second colour are drawn per object, so neither colour nor
+    texture carries the class: only the shape does.
+    """
+    other = rng.uniform(0, 1, (3, 1, 1))
+    other = np.where(np.abs(other - background[:, None]) < 0.3, 1 - other, other)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    f, theta, amount = rng.uniform(3, 12), rng.uniform(0, np.pi), rng.uniform(0, 0.8)
+    mix = amount * (0.5 + 0.5 * np.sin(2 * np.pi * f * (xx * np.cos(theta) + yy * np.sin(theta))))
+    shade = 1 + 0.15 * gaussian_filter(rng.standard_normal((size, size)), 2)
+    return (colour[:, :, None] * (1 - mix) + other * mix) * shade
+
+
 def render_scene(index: int, size: int = 128, seed: int = 0, classes: Sequence[int] | None = None,
-                 max_objects: int = 4) -> dict[str, np.ndarray]:
+                 max_objects: int = 4, min_objects: int = 1, distinct: bool = False,
+                 textured: bool = False) -> dict[str, np.ndarray]:
     """One scene as numpy arrays.
+
+    With the defaults a scene is drawn exactly as in version 1 of the generator (same random stream,
+    same bytes). Any of ``min_objects > 1``, ``distinct`` or ``textured`` selects the multi-object
+    variant the few-shot training episodes use: its random stream is seeded with these options too, and
+    a scene whose *visible* objects (after occlusion) number fewer than ``min_objects`` is redrawn from
+    the next seed (attempt 1, 2, …), so the guarantee holds for what the masks show.
 
     Args:
         index: scene number (with ``seed``, it fixes the scene).
         size: side in pixels (64–512).
         seed: benchmark seed.
         classes: class ids objects are drawn from (default: all 20).
-        max_objects: objects per scene are drawn from ``1 … max_objects``.
+        max_objects: objects per scene are drawn from ``min_objects … max_objects``.
+        min_objects: at least this many visible objects (variant only; with the default 1 the scene is
+            drawn once, as in version 1).
+        distinct: objects of one scene have distinct classes (drawn without replacement; at most
+            ``len(classes)`` objects).
+        textured: each object gets its own random two-colour striped texture (instead of one flat colour
+            with smooth shading), so appearance never identifies a class.
 
     Returns:
         ``image`` ``(3, H, W)`` float32 in ``[0, 1]``; ``semantic`` ``(H, W)`` int64 (0 = background, else
         class id + 1); ``masks`` ``(N, H, W)`` bool visible instance masks; ``labels`` ``(N,)``; ``boxes``
         ``(N, 4)`` ``x0, y0, x1, y1`` (exclusive ends); ``edges`` ``(H, W)`` bool object boundaries.
+
+    Raises:
+        ValueError: a size, class list or object counts out of range.
+        RuntimeError: the variant found no scene with ``min_objects`` visible objects in 100 draws.
     """
     if not 64 <= size <= 512:
         raise ValueError(f"scene size must be in [64, 512], got {size}")
     pool = list(range(len(CLASSES))) if classes is None else list(classes)
     if not pool or any(not 0 <= c < len(CLASSES) for c in pool):
         raise ValueError(f"classes must be a non-empty subset of 0 … {len(CLASSES) - 1}, got {classes}")
-    digest = hashlib.blake2b(f"{seed}:{index}:{size}:{sorted(pool)}".encode(), digest_size=8).digest()
-    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}")
+    if distinct and min_objects > len(set(pool)):
+        raise ValueError(f"{min_objects} objects of distinct classes need as many classes, got {len(set(pool))}")
+    variant = min_objects > 1 or distinct or textured
+    key = f"{seed}:{index}:{size}:{sorted(pool)}"
+    if not variant:
+        return _draw(np.random.default_rng(_seed(key)), size, pool, 1, max_objects, False, False)
+    for attempt in range(100):
+        rng = np.random.default_rng(_seed(f"{key}:v2:{min_objects}:{max_objects}:{distinct}:{textured}:{attempt}"))
+        scene = _draw(rng, size, pool, min_objects, max_objects, distinct, textured)
+        if len(scene["labels"]) >= min_objects:
+            return scene
+    raise RuntimeError(f"scene {index}: no draw of 100 held {min_objects} visible objects at {size} px")
+
+
+def _seed(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _draw(rng: np.random.Generator, size: int, pool: list[int], min_objects: int, max_objects: int,
+          distinct: bool, textured: bool) -> dict[str, np.ndarray]:
+    """The scene of :func:`render_scene` from its random stream (version 1 when the options are off)."""
     image = _texture(size, rng)
     owner = np.full((size, size), -1, np.int64)
     labels = []
-    for k in range(int(rng.integers(1, max_objects + 1))):
-        cls = int(rng.choice(pool))
+    available = sorted(set(pool))
+    count = int(rng.integers(min_objects, max_objects + 1))
+    for k in range(min(count, len(available)) if distinct else count):
+        if distinct:
+            cls = int(rng.choice(available))
+            available.remove(cls)
+        else:
+            cls = int(rng.choice(pool))
         n = int(rng.uniform(0.22, 0.45) * size)
         name = CLASSES[cls]
         local = _glyph_mask(int(name[-1]), n, rng) if name.startswith("digit") else _shape_mask(name, n, rng)
@@ -151,9 +211,13 @@ def render_scene(index: int, size: int = 128, seed: int = 0, classes: Sequence[i
         if region.sum() < 8:
             continue
         colour = rng.uniform(0, 1, (3, 1))
-        colour = np.where(np.abs(colour - image[:, region].mean(1, keepdims=True)) < 0.3, 1 - colour, colour)
-        shade = 1 + 0.15 * gaussian_filter(rng.standard_normal((size, size)), 2)
-        image[:, region] = np.clip(colour * shade[region], 0, 1)
+        background = image[:, region].mean(1, keepdims=True)
+        colour = np.where(np.abs(colour - background) < 0.3, 1 - colour, colour)
+        if textured:
+            image[:, region] = np.clip(_object_texture(colour, background, size, rng)[:, region], 0, 1)
+        else:
+            shade = 1 + 0.15 * gaussian_filter(rng.standard_normal((size, size)), 2)
+            image[:, region] = np.clip(colour * shade[region], 0, 1)
         owner[region] = k
         labels.append((k, cls))
     masks, kept = [], []
@@ -187,13 +251,17 @@ class SceneDataset(Dataset):
         seed: benchmark seed.
         classes: class ids objects are drawn from (default all).
         max_objects: at most this many objects per scene.
+        min_objects: at least this many visible objects (see :func:`render_scene`).
+        distinct: objects of a scene have distinct classes.
+        textured: a random texture per object.
     """
 
     def __init__(self, length: int = 1000, size: int = 128, seed: int = 0, classes: Sequence[int] | None = None,
-                 max_objects: int = 4) -> None:
+                 max_objects: int = 4, min_objects: int = 1, distinct: bool = False, textured: bool = False) -> None:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
-        render_scene(0, size, seed, classes, max_objects)  # validates the arguments now
+        self.options = {"min_objects": min_objects, "distinct": distinct, "textured": textured}
+        render_scene(0, size, seed, classes, max_objects, **self.options)  # validates the arguments now
         self.length, self.size, self.seed, self.max_objects = length, size, seed, max_objects
         self.classes = None if classes is None else list(classes)
 
@@ -203,7 +271,7 @@ class SceneDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         if not 0 <= i < self.length:
             raise IndexError(f"scene {i} out of range for {self.length} scenes")
-        s = render_scene(i, self.size, self.seed, self.classes, self.max_objects)
+        s = render_scene(i, self.size, self.seed, self.classes, self.max_objects, **self.options)
         out = {k: torch.from_numpy(v) for k, v in s.items()}
         out["image"] = out["image"] * 2 - 1
         out["index"] = i
@@ -211,8 +279,16 @@ class SceneDataset(Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """Scenes are a pure function of these arguments and the generator's version."""
-        return f"scenes-v1:{self.length}:{self.size}:{self.seed}:{self.classes}:{self.max_objects}"
+        """Scenes are a pure function of these arguments and the generator's version.
+
+        Version-1 scenes (the options at their defaults) keep their version-1 fingerprint; the
+        multi-object variant is ``scenes-v2`` with its options.
+        """
+        base = f"{self.length}:{self.size}:{self.seed}:{self.classes}:{self.max_objects}"
+        if self.options == {"min_objects": 1, "distinct": False, "textured": False}:
+            return f"scenes-v1:{base}"
+        o = self.options
+        return f"scenes-v2:{base}:{o['min_objects']}:{o['distinct']}:{o['textured']}"
 
 
 class SceneDataModule(L.LightningDataModule):
@@ -229,17 +305,25 @@ class SceneDataModule(L.LightningDataModule):
         seed: benchmark seed.
         batch_size: batch size.
         num_workers: loader workers.
+        min_objects: at least this many visible objects per scene (see :func:`render_scene`).
+        max_objects: at most this many objects per scene.
+        distinct: objects of a scene have distinct classes.
+        textured: a random texture per object (the few-shot episodes' appearance, so a backbone
+            pretrained here sees the same kind of scenes).
     """
 
     def __init__(self, length: int = 4000, size: int = 64, seed: int = 0, batch_size: int = 16,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, min_objects: int = 1, max_objects: int = 4, distinct: bool = False,
+                 textured: bool = False) -> None:
         super().__init__()
         self.length, self.size, self.seed = length, size, seed
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.scene_options = {"max_objects": max_objects, "min_objects": min_objects, "distinct": distinct,
+                              "textured": textured}
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of scene images and their indices; the last incomplete batch is dropped."""
-        scenes = SceneDataset(self.length, self.size, self.seed)
+        scenes = SceneDataset(self.length, self.size, self.seed, **self.scene_options)
         return DataLoader(_Images(scenes), self.batch_size, shuffle=True, num_workers=self.num_workers,
                           drop_last=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,61 @@ def test_class_subsets_and_dataset_items() -> None:
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         SceneDataset(**kwargs)
+
+
+def test_default_scenes_are_version_1_bit_for_bit() -> None:
+    # sha256 of render_scene(0 … 4, 64, seed=0), every array, from the generator before the multi-object variant
+    h = hashlib.sha256()
+    for i in range(5):
+        s = render_scene(i, 64, seed=0)
+        for k in sorted(s):
+            h.update(s[k].tobytes())
+    assert h.hexdigest() == "46a0f902bf2ddd7f5a7277de24b2323ad938705a7b32b712dde22024cb4d25a4"
+    assert SceneDataset(3, 64).fingerprint == "scenes-v1:3:64:0:None:4"
+    assert SceneDataset(3, 64, textured=True).fingerprint.startswith("scenes-v2:3:64:0:None:4:")
+
+
+def test_multi_object_variant_holds_2_to_4_visible_objects_of_distinct_classes() -> None:
+    pool = list(range(5, 20))
+    counts = []
+    for index in range(40):
+        a = render_scene(index, 64, 1, pool, 4, min_objects=2, distinct=True, textured=True)
+        b = render_scene(index, 64, 1, pool, 4, min_objects=2, distinct=True, textured=True)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+        labels = a["labels"].tolist()
+        counts.append(len(labels))
+        assert 2 <= len(labels) <= 4 and len(set(labels)) == len(labels) and set(labels) <= set(pool)
+        for m, cls in zip(a["masks"], labels, strict=True):
+            assert m.sum() >= 8 and (a["semantic"][m] == cls + 1).all()
+        assert ((a["semantic"] > 0) == a["masks"].any(0)).all()
+    assert set(counts) == {2, 3, 4}
+
+
+def test_colour_and_texture_are_random_per_instance() -> None:
+    """Same class, many instances: the mean colour varies as much as across classes; textured objects are not
+    flat (their within-object spread is larger than with the flat colour of version 1)."""
+    per_class: dict[int, list[np.ndarray]] = {}
+    spread = {False: [], True: []}
+    for textured in (False, True):
+        for index in range(60):
+            s = render_scene(index, 64, 2, [0, 1, 4, 5], 4, min_objects=2, distinct=True, textured=textured)
+            for m, cls in zip(s["masks"], s["labels"], strict=True):
+                pixels = s["image"][:, m]
+                spread[textured].append(pixels.std(1).mean())
+                if textured:
+                    per_class.setdefault(int(cls), []).append(pixels.mean(1))
+    means = {c: np.stack(v) for c, v in per_class.items()}
+    overall = np.concatenate(list(means.values())).std(0).mean()
+    for c, v in means.items():
+        assert len(v) >= 10 and v.std(0).mean() > 0.6 * overall, c  # colour says nothing about the class
+        assert abs(v.mean() - np.concatenate(list(means.values())).mean()) < 0.1, c
+    assert np.mean(spread[True]) > 1.5 * np.mean(spread[False])
+
+
+def test_bad_variant_arguments() -> None:
+    with pytest.raises(ValueError, match="min_objects <= max_objects"):
+        render_scene(0, 64, min_objects=5, max_objects=4)
+    with pytest.raises(ValueError, match="distinct classes need as many classes"):
+        render_scene(0, 64, classes=[3], min_objects=2, distinct=True)
+    one = render_scene(0, 64, classes=[3, 4], max_objects=4, distinct=True)
+    assert len(one["labels"]) <= 2  # at most one object per class
