@@ -112,3 +112,14 @@ def test_bad_variant_arguments() -> None:
         render_scene(0, 64, classes=[3], min_objects=2, distinct=True)
     one = render_scene(0, 64, classes=[3, 4], max_objects=4, distinct=True)
     assert len(one["labels"]) <= 2  # at most one object per class
+
+
+def test_scene_datamodule_serves_the_variant_when_asked() -> None:
+    from difffeat.data.scenes import SceneDataModule
+
+    plain = SceneDataModule(length=4, batch_size=2).train_dataloader().dataset.scenes
+    assert plain.fingerprint.startswith("scenes-v1:")  # the pretraining scenes are unchanged by default
+    loader = SceneDataModule(length=4, batch_size=2, min_objects=2, distinct=True, textured=True).train_dataloader()
+    scenes = loader.dataset.scenes
+    assert scenes.fingerprint.startswith("scenes-v2:") and len(scenes[0]["labels"]) >= 2
+    assert next(iter(loader))["image"].shape == (2, 3, 64, 64)
