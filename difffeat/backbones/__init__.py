@@ -13,6 +13,7 @@ import torch
 
 from difffeat.backbones.base import Backbone, FeatureInfo, check_images
 from difffeat.backbones.dit import DiTBackbone
+from difffeat.backbones.flux import FluxBackbone, flux_config
 from difffeat.backbones.pixart import PixArtBackbone, pixart_config
 from difffeat.backbones.registry import (
     create_backbone,
@@ -21,6 +22,7 @@ from difffeat.backbones.registry import (
     register_backbone,
     resolve_local,
 )
+from difffeat.backbones.sd3 import SD3Backbone, sd3_config
 from difffeat.backbones.sdxl import SDXLBackbone, sdxl_unet_config
 from difffeat.backbones.unet import UNet2DBackbone, UNet2DConditionBackbone
 
@@ -30,7 +32,9 @@ __all__ = [
     "Backbone",
     "DiTBackbone",
     "FeatureInfo",
+    "FluxBackbone",
     "PixArtBackbone",
+    "SD3Backbone",
     "SDXLBackbone",
     "UNet2DBackbone",
     "UNet2DConditionBackbone",
@@ -154,3 +158,18 @@ def sdxl_unet_tiny(**kwargs: Any) -> Backbone:
 def pixart_tiny(**kwargs: Any) -> Backbone:
     """A 2-block PixArt on 8×8×4 latents with patch size 2 (a 4×4 token grid), 32-wide T5 tokens."""
     return PixArtBackbone.from_config(pixart_config(8, 2, 2, 8, 32), name="pixart-tiny", **kwargs)
+
+
+@register_backbone
+def sd3_tiny(**kwargs: Any) -> Backbone:
+    """An SD3-shaped MMDiT on 8×8×4 latents: 2 joint blocks, 2 heads of 8, patch 2 (a 4×4 token grid)."""
+    return SD3Backbone.from_config(sd3_config(8, 2, 2, 8, 32, 16, in_channels=4, pos_embed_max_size=16),
+                                   name="sd3-tiny", **kwargs)
+
+
+@register_backbone
+def flux_tiny(**kwargs: Any) -> Backbone:
+    """A Flux-shaped transformer on 8×8×4 latents (a 4×4 packed grid): 1 double and 1 single block, guidance."""
+    kwargs.setdefault("latent_size", 8)
+    return FluxBackbone.from_config(flux_config(1, 1, 2, 8, 32, 16, (2, 2, 4), latent_channels=4),
+                                    name="flux-tiny", **kwargs)
