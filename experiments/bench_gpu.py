@@ -95,11 +95,13 @@ def build(model: Model, device: torch.device, dtype: torch.dtype, latent: int, s
     if smoke:
         return create_backbone(SMOKE[model.name][0])
     cls = getattr(importlib.import_module(model.module), model.adapter)
-    config = dict(model.config)
+    config, kwargs = dict(model.config), dict(model.kwargs)
     if "sample_size" in config:
         config["sample_size"] = latent
+    else:  # Flux: no sample size in its config; the adapter takes the latent size (and resolves its shift)
+        kwargs["latent_size"] = latent
     with torch.device(device):
-        backbone = cls.from_config(config, **model.kwargs)
+        backbone = cls.from_config(config, **kwargs)
     return backbone.to(dtype)
 
 

@@ -131,9 +131,9 @@ def test_without_fixed_rows_batch_sizes_agree_to_rounding(monkeypatch) -> None:
 
     monkeypatch.setattr(difffeat.extract, "_fixed_rows", lambda device: None)
     backbone = create_backbone("unet2d-tiny", seed=0)
-    x = torch.rand(37, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    runs = [FeatureExtractor(backbone, BACKBONES["unet2d-tiny"], [10, 500], batch_size=bs)(x, range(37))
-            for bs in (1, 8, 64)]
+    x = torch.rand(13, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    runs = [FeatureExtractor(backbone, BACKBONES["unet2d-tiny"], [10, 500], batch_size=bs)(x, range(13))
+            for bs in (1, 8, 26)]
     for other in runs[1:]:
         for key in runs[0]:
             torch.testing.assert_close(other[key], runs[0][key], rtol=1e-5, atol=1e-6)

@@ -123,3 +123,21 @@ def test_prompts_as_default_condition_change_the_spec(sd_pipe, sd) -> None:
     assert dog.spec() != cat.spec()
     assert dog.spec()["condition"] != sd.spec()["condition"]
     assert dog.spec() == dog_again.spec()
+
+
+def test_a_prompt_condition_does_not_depend_on_the_prompts_beside_it(sd_pipe) -> None:
+    backbone = create_backbone(sd_pipe[1])
+    prompts = ["a photo of a dog", "a cat", "a photo of a dog", "", "a red square on grass"]
+    calls: list[int] = []
+    together = backbone.encode_prompts(prompts)["encoder_hidden_states"]
+    encoder = backbone._prompt_encoder
+    backbone._prompt_encoder = lambda batch: (calls.append(len(batch)), encoder(batch))[1]
+    backbone._prompt_cache.clear()
+    again = backbone.encode_prompts(prompts)["encoder_hidden_states"]
+    assert calls == [1, 1, 1, 1]  # one call per distinct prompt
+    assert torch.equal(again, together)
+    for i, prompt in enumerate(prompts):
+        alone = create_backbone(sd_pipe[1]).encode_prompts([prompt])["encoder_hidden_states"]
+        assert torch.equal(alone[0], together[i])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        backbone.encode_prompts([])
