@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from difffeat.data.episodes import check_evaluation_batch
 from difffeat.extract import FeatureExtractor
 from difffeat.noise import content_keys
 from difffeat.readout import PerPixel, concat_features
@@ -241,12 +242,14 @@ class FewShotModule(L.LightningModule):
         return episode_masks(self.model.predict, batch["support"], batch["support_mask"], batch["query"], self.vote)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Adds the batch's episodes to the validation metric."""
+        """Adds the batch's episodes to the validation metric (a negative training episode is refused)."""
+        check_evaluation_batch(batch)
         self.val_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"],
                             batch.get("query_ignore"))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Adds the batch's episodes to the test metric."""
+        """Adds the batch's episodes to the test metric (a negative training episode is refused)."""
+        check_evaluation_batch(batch)
         self.test_iou.update(self.predict_masks(batch), batch["query_mask"], batch["class_id"],
                              batch.get("query_ignore"))
 

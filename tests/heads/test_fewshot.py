@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from difffeat.backbones import create_backbone
 from difffeat.data.episodes import FewShotEpisodes
@@ -113,3 +114,25 @@ def test_episode_masks_native_and_per_shot_vote() -> None:
     # vote: per-pixel counts 3, 1, 1 of max 3 -> only the first pixel survives the 0.5 threshold
     assert torch.equal(episode_masks(predict, support, masks, query, vote=True), _mask(["#.."])[None])
     assert seen == [3, 1, 1, 1]
+
+
+def test_negative_episodes_never_reach_the_metric() -> None:
+    from heads.fewshot import FewShotModule
+
+    class Everything(FewShotModule):
+        def __init__(self) -> None:
+            super().__init__(num_classes=4)
+            self.model = nn.Identity()
+
+        def predict_masks(self, batch):
+            return torch.ones_like(batch["query_mask"])
+
+    batch = {"query_mask": torch.ones(2, 4, 4, dtype=torch.bool), "class_id": torch.tensor([1, 2]),
+             "episode": torch.tensor([7, 8]), "negative": torch.tensor([False, True])}
+    module = Everything()
+    for step in (module.validation_step, module.test_step):
+        with pytest.raises(ValueError, match=r"negative episodes \[8\] reached evaluation"):
+            step(batch, 0)
+    batch["negative"] = torch.tensor([False, False])
+    module.test_step(batch, 0)
+    assert module.test_iou.compute()["miou"] > 0
