@@ -147,6 +147,22 @@ def sd_unet_scenes(**kwargs: Any) -> Backbone:
 
 
 @register_backbone
+def sd_unet_scenes_attn2(**kwargs: Any) -> Backbone:
+    """``sd-unet-scenes`` with attention at 1/2 resolution too: every level but the input level, as SD has.
+
+    Self- and cross-attention at 32×32, 16×16 and 8×8 of a 64×64 scene, so KV fusion acts at the
+    U-Net's fine grid as the few-shot reference does (``experiments/bench_fewshot_fusion.py`` measures
+    what it costs on the CPU). Same widths as ``sd-unet-scenes``.
+    """
+    config = {"sample_size": 64, "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64, 64, 96],
+              "layers_per_block": 1, "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 16,
+              "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+              "up_block_types": ["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"]}
+    kwargs.setdefault("encoder_hidden_states", torch.zeros(1, 1, 32))
+    return UNet2DConditionBackbone.from_config(config, name="sd-unet-scenes-attn2", **kwargs)
+
+
+@register_backbone
 def sdxl_unet_tiny(**kwargs: Any) -> Backbone:
     """An SDXL-shaped U-Net on 8×8×4 latents for unit tests: text width 32 (two 16-wide CLIPs), pooled 16."""
     config = sdxl_unet_config([8, 16], 8, 32, pooled_dim=16, addition_time_embed_dim=8, layers_per_block=1,

@@ -76,3 +76,22 @@ def test_diffews_module_trains_on_the_valid_query_pixels(monkeypatch) -> None:
     monkeypatch.setattr(module, "model", Fixed())
     batch = {"support": None, "support_mask": None, "query": None, "query_mask": target, "query_ignore": ignore}
     torch.testing.assert_close(module.training_step(batch, 0), mask_loss(logits, target, ignore))
+
+
+def test_the_attn2_scenes_unet_has_self_attention_at_half_resolution() -> None:
+    from diffusers.models.attention_processor import Attention
+
+    from heads.fewshot_diffews import DiffewS
+
+    grids = {}
+    model = DiffewS("sd-unet-scenes-attn2")
+    hooks = [m.register_forward_hook(lambda _m, args, _o, n=n: grids.setdefault(n, args[0].shape[1]))
+             for n, m in model.backbone.model.named_modules() if isinstance(m, Attention) and n.endswith("attn1")]
+    support = torch.rand(1, 1, 3, 64, 64) * 2 - 1
+    mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    mask[..., 8:40, 8:40] = True
+    with torch.no_grad():
+        out = model(support, mask, torch.rand(1, 3, 64, 64) * 2 - 1)
+    for h in hooks:
+        h.remove()
+    assert out.shape == (1, 64, 64) and max(grids.values()) == 32 * 32  # 32×32 of a 64×64 scene
