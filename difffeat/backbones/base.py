@@ -263,12 +263,18 @@ class Backbone(nn.Module):
         return self.latent_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (in ``[-1, 1]``) to the denoiser's input space; checks shape and values first."""
+        """Images (in ``[-1, 1]``) to the denoiser's input space; checks shape and values first.
+
+        With a VAE: ``(mean - shift_factor) · scaling_factor`` of the posterior (its mode, so features are
+        deterministic), ``shift_factor`` 0 where the VAE config has none (SD-1/2, SDXL) — the inverse of the
+        pipelines' decoding ``latents / scaling_factor + shift_factor`` (SD3, Flux).
+        """
         check_images(images, self.image_channels, value_range=(-1, 1) if self.inputs == "images" else None)
         if self.vae is None:
             return images
         latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
 
     def _attention_modules(self) -> dict[str, nn.Module]:
         from difffeat.backbones.attention import attention_modules

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from difffeat.backbones.base import check_images
 from difffeat.backbones.registry import register_adapter
-from difffeat.backbones.sd3 import TextStreamTaps, encode_shifted_latents
+from difffeat.backbones.sd3 import TextStreamTaps
 from difffeat.backbones.text import PromptEncoder, TextConditioned, load_text_encoder, tokenize
 from difffeat.noise import FlowSchedule
 
@@ -205,13 +204,6 @@ class FluxBackbone(TextStreamTaps, TextConditioned):
         if self.has_guidance:
             spec["guidance"] = self.guidance
         return spec
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (in ``[-1, 1]``) to latents with the VAE's shift (:func:`~.sd3.encode_shifted_latents`)."""
-        if self.vae is None:
-            return super().encode(images)
-        check_images(images, self.image_channels)
-        return encode_shifted_latents(self.vae, images)
 
     # ----------------------------------------------------------------- taps and forward
     def tap_names(self) -> list[str]:

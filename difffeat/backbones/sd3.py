@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difffeat.backbones.base import FeatureInfo, _StopForward, check_images
+from difffeat.backbones.base import FeatureInfo, _StopForward
 from difffeat.backbones.registry import register_adapter
 from difffeat.backbones.text import PromptEncoder, TextConditioned, load_text_encoder, tokenize
 
-__all__ = ["TEXT_STREAM", "SD3Backbone", "TextStreamTaps", "encode_sd3_prompts", "encode_shifted_latents",
+__all__ = ["TEXT_STREAM", "SD3Backbone", "TextStreamTaps", "encode_sd3_prompts",
            "sd3_config"]
 
 #: the suffix naming a joint block's text stream as a tap (``transformer_blocks.3.text``)
@@ -37,18 +37,6 @@ TEXT_STREAM = ".text"
 #: tokens per prompt of a CLIP tokenizer when the pipeline folder gives none (CLIP's ``model_max_length``)
 CLIP_TOKENS = 77
 
-
-def encode_shifted_latents(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images to latents as SD3's and Flux's pipelines scale them: ``(mean - shift_factor) · scaling_factor``.
-
-    The posterior mean (its mode; deterministic, as every difffeat adapter encodes) of the ``AutoencoderKL``,
-    shifted by the VAE config's ``shift_factor`` (0 where it has none) before scaling: the inverse of the
-    pipelines' decoding ``latents / scaling_factor + shift_factor`` and what their image-to-image variants
-    do to an input image.
-    """
-    latents = vae.encode(images.to(vae.dtype)).latent_dist.mean
-    shift = vae.config.get("shift_factor") or 0.0
-    return (latents - shift) * vae.config.scaling_factor
 
 
 class TextStreamTaps:
@@ -287,7 +275,7 @@ class SD3Backbone(TextStreamTaps, TextConditioned):
     Timesteps: the extractor passes :meth:`~difffeat.noise.FlowSchedule.model_timesteps`, ``σ · 1000``, which is
     what ``StableDiffusion3Pipeline`` gives the transformer as ``timestep`` (the scheduler's ``timesteps``);
     the schedule is the folder's ``FlowMatchEulerDiscreteScheduler`` (shift 3.0 for SD3-medium, the default
-    here too). Images are encoded with the VAE's ``shift_factor`` (:func:`encode_shifted_latents`).
+    here too). Images are encoded with the VAE's ``shift_factor`` (:meth:`Backbone.encode`).
 
     Taps: ``pos_embed`` (the embedded patch tokens), ``transformer_blocks.i`` (the image stream of joint
     block ``i``) and ``transformer_blocks.i.text`` (its text stream, see :class:`TextStreamTaps`; not for
@@ -328,13 +316,6 @@ class SD3Backbone(TextStreamTaps, TextConditioned):
     def condition_spec(self) -> dict[str, Any]:
         """Digests of the default condition and the T5 tokens per prompt."""
         return {**super().condition_spec(), "max_sequence_length": self.max_sequence_length}
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (in ``[-1, 1]``) to latents with the VAE's shift (:func:`encode_shifted_latents`)."""
-        if self.vae is None:
-            return super().encode(images)
-        check_images(images, self.image_channels)
-        return encode_shifted_latents(self.vae, images)
 
     def tap_names(self) -> list[str]:
         """``pos_embed`` and every joint block ``transformer_blocks.i`` (their ``.text`` taps come from the probe)."""
