@@ -14,7 +14,6 @@ Flux adapter: a block's image stream is tapped under the block's own name, its t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,14 @@ from torch import nn
 
 from difffeat.backbones.base import FeatureInfo, _StopForward
 from difffeat.backbones.registry import register_adapter
-from difffeat.backbones.text import PromptEncoder, TextConditioned, load_text_encoder, tokenize
+from difffeat.backbones.text import (
+    PromptEncoder,
+    TextConditioned,
+    has_component,
+    load_text_encoder,
+    pipeline_components,
+    tokenize,
+)
 
 __all__ = ["TEXT_STREAM", "SD3Backbone", "TextStreamTaps", "encode_sd3_prompts",
            "sd3_config"]
@@ -183,15 +189,6 @@ class TextStreamTaps:
         return super().read_output(name, output)
 
 
-def _components(pipeline_dir: Path) -> dict[str, Any]:
-    path = pipeline_dir / "model_index.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _present(pipeline_dir: Path, components: dict[str, Any], name: str) -> bool:
-    entry = components.get(name)
-    return isinstance(entry, list) and entry[0] is not None and (pipeline_dir / name).is_dir()
-
 
 def encode_sd3_prompts(pipeline_dir: str | Path, max_sequence_length: int, joint_attention_dim: int
                        ) -> PromptEncoder:
@@ -220,11 +217,11 @@ def encode_sd3_prompts(pipeline_dir: str | Path, max_sequence_length: int, joint
         FileNotFoundError: a CLIP encoder or a tokenizer is missing (named).
     """
     pipeline_dir = Path(pipeline_dir)
-    components = _components(pipeline_dir)
+    components = pipeline_components(pipeline_dir)
     clips = [load_text_encoder(pipeline_dir, "text_encoder", "tokenizer"),
              load_text_encoder(pipeline_dir, "text_encoder_2", "tokenizer_2")]
     t5 = (load_text_encoder(pipeline_dir, "text_encoder_3", "tokenizer_3")
-          if _present(pipeline_dir, components, "text_encoder_3") else None)
+          if has_component(pipeline_dir, components, "text_encoder_3") else None)
     clip_length = int(clips[0][1].model_max_length)
 
     def encode(prompts: list[str]) -> dict[str, torch.Tensor]:

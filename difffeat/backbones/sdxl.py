@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from difffeat.backbones.registry import register_adapter
-from difffeat.backbones.text import PromptEncoder, TextConditioned, load_text_encoder, tokenize
+from difffeat.backbones.text import (
+    PromptEncoder,
+    TextConditioned,
+    has_component,
+    load_text_encoder,
+    pipeline_components,
+    tokenize,
+)
 from difffeat.backbones.unet import unet_tap_names
 
 __all__ = ["SDXLBackbone", "encode_sdxl_prompts", "sdxl_unet_config"]
@@ -30,15 +37,6 @@ TIME_IDS = 6
 #: pixels per latent cell when a backbone has no VAE (diffusers' SDXL pipeline assumes 8 then)
 DEFAULT_VAE_FACTOR = 8
 
-
-def _index(pipeline_dir: Path) -> dict[str, Any]:
-    path = pipeline_dir / "model_index.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _present(pipeline_dir: Path, components: dict[str, Any], name: str) -> bool:
-    entry = components.get(name)
-    return isinstance(entry, list) and entry[0] is not None and (pipeline_dir / name).is_dir()
 
 
 def encode_sdxl_prompts(pipeline_dir: str | Path) -> PromptEncoder:
@@ -61,11 +59,11 @@ def encode_sdxl_prompts(pipeline_dir: str | Path) -> PromptEncoder:
         FileNotFoundError: no ``text_encoder_2`` or a missing tokenizer (named).
     """
     pipeline_dir = Path(pipeline_dir)
-    components = _index(pipeline_dir)
+    components = pipeline_components(pipeline_dir)
     pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]
-    if not _present(pipeline_dir, components, "text_encoder_2"):
+    if not has_component(pipeline_dir, components, "text_encoder_2"):
         raise FileNotFoundError(f"{pipeline_dir} has no 'text_encoder_2': SDXL's pooled text embedding comes from it")
-    if not _present(pipeline_dir, components, "text_encoder"):
+    if not has_component(pipeline_dir, components, "text_encoder"):
         pairs = pairs[1:]
     loaded = [load_text_encoder(pipeline_dir, encoder, tokenizer) for encoder, tokenizer in pairs]
 
@@ -187,7 +185,7 @@ class SDXLBackbone(TextConditioned):
         """``model_index.json``'s ``force_zeros_for_empty_prompt`` (the pipeline's default, true, where absent)."""
         if self.pipeline_dir is None:
             return True
-        return bool(_index(self.pipeline_dir).get("force_zeros_for_empty_prompt", True))
+        return bool(pipeline_components(self.pipeline_dir).get("force_zeros_for_empty_prompt", True))
 
     def empty_condition(self) -> dict[str, torch.Tensor]:
         """The pipeline's negative condition for no negative prompt: zeros, or the encoded ``""`` (see the class)."""

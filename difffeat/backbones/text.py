@@ -38,7 +38,8 @@ from torch import nn
 from difffeat.backbones.base import Backbone
 from difffeat.digest import tensor_digest
 
-__all__ = ["PROMPT_CACHE_SIZE", "PromptEncoder", "TextConditioned", "load_text_encoder", "tokenize"]
+__all__ = ["PROMPT_CACHE_SIZE", "PromptEncoder", "TextConditioned", "has_component", "load_text_encoder",
+           "pipeline_components", "tokenize"]
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,23 @@ PROMPT_CACHE_SIZE = 4096
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
+def pipeline_components(pipeline_dir: str | Path) -> dict[str, Any]:
+    """A pipeline folder's ``model_index.json`` (components and pipeline options); ``{}`` where it has none."""
+    index = Path(pipeline_dir) / "model_index.json"
+    return json.loads(index.read_text()) if index.exists() else {}
+
+
+def has_component(pipeline_dir: str | Path, components: dict[str, Any], name: str) -> bool:
+    """Whether ``model_index.json`` (``components``) names component ``name`` and its sub-folder exists."""
+    entry = components.get(name)
+    return isinstance(entry, list) and entry[0] is not None and (Path(pipeline_dir) / name).is_dir()
+
+
 def _components(pipeline_dir: Path) -> dict[str, Any]:
-    index = pipeline_dir / "model_index.json"
-    if not index.exists():
+    if not (pipeline_dir / "model_index.json").exists():
         raise FileNotFoundError(f"{pipeline_dir} has no model_index.json: not a diffusers pipeline folder, so it "
                                 f"has no text encoders; pass a condition or a null_embedding file instead")
-    return json.loads(index.read_text())
+    return pipeline_components(pipeline_dir)
 
 
 def _load_component(pipeline_dir: Path, name: str, components: dict[str, Any]) -> Any:
@@ -192,10 +204,7 @@ class TextConditioned(Backbone):
         return given
 
     def _has_text_encoder(self) -> bool:
-        index = self.pipeline_dir / "model_index.json"
-        if not index.exists():
-            return False
-        components = json.loads(index.read_text())
+        components = pipeline_components(self.pipeline_dir)
         return any(k.startswith("text_encoder") and isinstance(v, list) and v[0] for k, v in components.items())
 
     def _read_null_embedding(self, path: Path) -> dict[str, torch.Tensor]:
