@@ -220,7 +220,7 @@ def test_early_exit_equals_the_full_forward_and_batch_independence(flux) -> None
     one = FeatureExtractor(flux, LAYERS, [20, 700], readout=Raw(), batch_size=1)(images, prompts=prompts)
     for key in full:
         torch.testing.assert_close(one[key], full[key], rtol=0, atol=0)
-    cond = flux.encode_prompts(prompts)  # encoded once (CPU text encoders are not batch-independent to the bit)
+    cond = flux.encode_prompts(prompts)  # the rows of one condition, routed per image below
     extractor = FeatureExtractor(flux, LAYERS, [20, 700], readout=Raw())
     batch = extractor(images, cond=cond)
     for i in (0, 4):

@@ -199,8 +199,8 @@ def test_early_exit_equals_the_full_forward_and_batch_independence(sd3) -> None:
     one = FeatureExtractor(sd3, LAYERS, [20, 700], readout=Raw(), batch_size=1)(images, prompts=prompts)
     for key in fast:
         torch.testing.assert_close(one[key], fast[key], rtol=0, atol=0)
-    # each image alone gets its own rows' features (the prompts encoded once: CPU text encoders are not
-    # batch-independent to the bit, a (5, 32) @ (32, 16) projection differs from (1, 32) @ (32, 16) by ~5e-7)
+    # each image alone gets its own rows' features (encode_prompts encodes each prompt alone, since a
+    # (5, 32) @ (32, 16) projection differs from (1, 32) @ (32, 16) by ~5e-7 on the CPU)
     cond = sd3.encode_prompts(prompts)
     extractor = FeatureExtractor(sd3, LAYERS, [20, 700], readout=Raw())
     batch = extractor(images, cond=cond)
