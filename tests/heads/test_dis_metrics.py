@@ -197,3 +197,36 @@ def test_bool_and_float_binary_ground_truth_agree():
     a.update(preds, [torch.from_numpy(g) for _, g in pairs])
     b.update(preds, [torch.from_numpy(g).float()[None] for _, g in pairs])
     _assert_scores(a.compute(), b.compute(), tol=0)
+
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        pairs = _dataset(8)
+        for split in (5, 8):  # 8: the second process sees no image at all
+            metric = DISMetrics()
+            mine = pairs[:split] if rank == 0 else pairs[split:]
+            if mine:
+                _feed(metric, mine)
+            scores = metric.compute()  # torchmetrics gathers the states of both processes here
+            torch.save({k: float(v) for k, v in scores.items()}, f"{out}.{split}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_equals_one_pass(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "scores")
+    # fork: the workers inherit the imports (spawning re-imports torch, OpenCV … in each, ~20 s)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True, start_method="fork")
+    want = _reference(_dataset(8))
+    for split in (5, 8):
+        for rank in range(2):
+            got = torch.load(f"{out}.{split}.{rank}")
+            assert set(got) == set(want)
+            for name in want:
+                assert math.isclose(got[name], float(want[name]), rel_tol=1e-12, abs_tol=1e-12), (split, rank, name)
