@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import warnings
 from collections.abc import Sequence
 from functools import cache
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
-from skimage.draw import ellipse, line, polygon
+from skimage.draw import ellipse, polygon
 from torch.utils.data import DataLoader, Dataset
 
 from difffeat.store import atomic_write
@@ -415,30 +414,51 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Canvas:
-    """Centre lines grouped by stroke width; :meth:`mask` dilates each group with its brush."""
+    """Strokes grouped by width: centre lines are collected, then drawn and stamped with round brushes at once."""
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.lines: dict[int, np.ndarray] = {}
 
     def _layer(self, width: int) -> np.ndarray:
         return self.lines.setdefault(max(1, int(width)), np.zeros((self.size, self.size), bool))
 
-    def segment(self, p: Sequence[float], q: Sequence[float], width: int) -> None:
-        """A straight stroke from ``p`` to ``q`` (``(y, x)``)."""
-        rr, cc = line(round(p[0]), round(p[1]), round(q[0]), round(q[1]))
-        keep = (rr >= 0) & (rr < self.size) & (cc >= 0) & (cc < self.size)
-        self._layer(width)[rr[keep], cc[keep]] = True
+    def segments(self, starts: np.ndarray, ends: np.ndarray, width: int) -> None:
+        """Straight strokes from ``starts[k]`` to ``ends[k]`` (``(n, 2)`` arrays, or one ``(y, x)`` each)."""
+        pair = (np.atleast_2d(np.asarray(starts, float)), np.atleast_2d(np.asarray(ends, float)))
+        self.pending.setdefault(max(1, int(width)), []).append(pair)
 
     def polyline(self, pts: np.ndarray, width: int) -> None:
-        for p, q in itertools.pairwise(pts):
-            self.segment(p, q, width)
+        """Joined strokes through ``pts`` (``(n, 2)`` of ``(y, x)``)."""
+        pts = np.asarray(pts, float)
+        self.segments(pts[:-1], pts[1:], width)
 
     def pixels(self, where: np.ndarray, width: int) -> None:
+        """Centre-line pixels given as a mask (a skeleton, or a filled shape with width 1)."""
         self._layer(width)[where] = True
+
+    def _draw(self) -> None:
+        """Rasterises the collected segments, vectorised over all segments of a width.
+
+        One DDA line per segment: sampled once per pixel of its longer axis and rounded (8-connected, one
+        pixel thick).
+        """
+        for width, chunks in self.pending.items():
+            starts = np.concatenate([c[0] for c in chunks])
+            ends = np.concatenate([c[1] for c in chunks])
+            steps = np.ceil(np.abs(ends - starts).max(1)).astype(int) + 1
+            seg = np.repeat(np.arange(len(steps)), steps)
+            k = np.arange(steps.sum()) - np.repeat(np.cumsum(steps) - steps, steps)
+            t = (k / np.maximum(steps - 1, 1)[seg])[:, None]
+            pts = np.rint(starts[seg] + t * (ends[seg] - starts[seg])).astype(int)
+            keep = ((pts >= 0) & (pts < self.size)).all(1)
+            self._layer(width)[pts[keep, 0], pts[keep, 1]] = True
+        self.pending = {}
 
     def mask(self) -> np.ndarray:
         """The union of every group's centre line stamped with its brush (fast for sparse lines)."""
+        self._draw()
         pad = max(self.lines, default=1)
         out = np.zeros((self.size + 2 * pad, self.size + 2 * pad), bool)
         for width, centre in self.lines.items():
@@ -482,9 +502,9 @@ def _mesh(canvas: _Canvas, rng: np.random.Generator, size: int, d: float, thin: 
         normal, along = np.array([np.sin(a), np.cos(a)]), np.array([np.cos(a), -np.sin(a)])
         for off in np.arange(-size, size, spacing) + rng.uniform(0, spacing):
             base = c + off * normal
-            wires.segment(base - size * along, base + size * along, thin if rng.random() < 0.7 else thin + 1)
-    frame = ndimage.distance_transform_cdt(np.pad(region, 1), metric="chessboard")[1:-1, 1:-1]
-    canvas.pixels(region & (frame <= max(1, thick // 2)), 1)
+            wires.segments(base - size * along, base + size * along, thin if rng.random() < 0.7 else thin + 1)
+    inner = ndimage.minimum_filter(region.view(np.uint8), size=2 * max(1, thick // 2) + 1, mode="constant", cval=0)
+    canvas.pixels(region & (inner == 0), 1)  # the frame: the region's outer band of about thick / 2
     return wires.mask() & region
 
 
@@ -521,13 +541,13 @@ def _lattice(canvas: _Canvas, rng: np.random.Generator, size: int, d: float, thi
     canvas.polyline(right, thick)
     brace = max(thin, (thin + thick) // 3)
     for k in range(panels + 1):
-        canvas.segment(left[k], right[k], brace)
+        canvas.segments(left[k], right[k], brace)
         if k < panels:
-            canvas.segment(left[k], right[k + 1], thin)
+            canvas.segments(left[k], right[k + 1], thin)
             if rng.random() < 0.5 + 0.5 * d:
-                canvas.segment(right[k], left[k + 1], thin)
+                canvas.segments(right[k], left[k + 1], thin)
     tip = (left[-1] + right[-1]) / 2
-    canvas.segment(tip, tip + (rot @ np.array([-1.0, 0])) * size * 0.08, thin)  # an antenna mast
+    canvas.segments(tip, tip + (rot @ np.array([-1.0, 0])) * size * 0.08, thin)  # an antenna mast
 
 
 def _digit(canvas: _Canvas, rng: np.random.Generator, size: int, d: float, thin: int, thick: int) -> None:
@@ -591,16 +611,17 @@ def _smooth_noise(rng: np.random.Generator, channels: int, size: int, cells: int
     """Smooth noise ``(channels, size, size)`` with unit spread: a ``cells × cells`` grid upsampled (fast)."""
     grid = rng.standard_normal((channels, cells, cells)).astype(np.float32)
     field = np.stack([_resample(g, (size, size), Image.Resampling.BICUBIC) for g in grid])
-    return (field - field.mean()) / (field.std() + 1e-8)
+    return (field - field.mean()) / np.float32(field.std() + 1e-8)
 
 
 def _background(rng: np.random.Generator, size: int, d: float, thin: int) -> np.ndarray:
     """A textured noisy background ``(3, size, size)`` in ``[0, 1]`` with thin clutter at higher difficulty."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    ramp = np.arange(size, dtype=np.float32) / size
     f, theta = rng.uniform(3, 20), rng.uniform(0, np.pi)
-    stripes = np.sin(2 * np.pi * f * (xx * np.cos(theta) + yy * np.sin(theta)))
-    img = (rng.uniform(0.2, 0.8, (3, 1, 1)) + 0.12 * _smooth_noise(rng, 3, size, 6)
-           + 0.05 * _smooth_noise(rng, 1, size, 40) + rng.uniform(0.02, 0.08) * stripes)
+    stripes = np.sin(np.float32(2 * np.pi * f) * (ramp[None] * np.float32(np.cos(theta))
+                                                  + ramp[:, None] * np.float32(np.sin(theta))))
+    img = (rng.uniform(0.2, 0.8, (3, 1, 1)).astype(np.float32) + 0.12 * _smooth_noise(rng, 3, size, 6)
+           + 0.05 * _smooth_noise(rng, 1, size, 40) + np.float32(rng.uniform(0.02, 0.08)) * stripes)
     clutter = _Canvas(size)
     for _ in range(round(12 * d)):  # distractor lines and twigs that are not the object
         p = rng.uniform(0, size, 2)
@@ -611,7 +632,7 @@ def _background(rng: np.random.Generator, size: int, d: float, thin: int) -> np.
         clutter.polyline(np.array(pts), thin + int(rng.integers(0, 2)))
     lines = clutter.mask()
     if lines.any():
-        img = np.where(lines, rng.uniform(0, 1, (3, 1, 1)), img)
+        img[:, lines] = rng.uniform(0, 1, (3, 1)).astype(np.float32)
     return img
 
 
@@ -658,8 +679,8 @@ def render_dis_scene(index: int, size: int = 256, seed: int = 0, difficulty: flo
                       colour)
     shade = 1 + 0.12 * _smooth_noise(rng, 1, size, 10)[0]
     image[:, mask] = colour * shade[mask]
-    image = image + (0.015 + 0.03 * difficulty) * rng.standard_normal((3, size, size))
-    return {"image": np.clip(image, 0, 1).astype(np.float32), "mask": mask, "kind": kind}
+    image += np.float32(0.015 + 0.03 * difficulty) * rng.standard_normal((3, size, size), dtype=np.float32)
+    return {"image": np.clip(image, 0, 1, out=image), "mask": mask, "kind": kind}
 
 
 class DISScenes(Dataset):
