@@ -110,16 +110,22 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DISFileError(f"{what} {path} cannot be read ({type(e).__name__}: {e}); it is missing, truncated or "
                            f"not an image") from e
     return img
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` uint8 RGB (grey and CMYK images are converted; EXIF rotation ignored).
+    """An image file as ``(H, W, 3)`` uint8 RGB (grey and CMYK images are converted).
 
     EXIF orientation is deliberately not applied: DIS5K's masks are aligned with the stored pixels.
+
+    Args:
+        path: image file.
+
+    Returns:
+        The decoded pixels.
 
     Raises:
         DISFileError: unreadable or truncated file.
