@@ -155,13 +155,15 @@ class FeatureCache:
         return torch.stack([self.store[k] for k in keys])
 
 
-def check_episode(support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> None:
+def check_episode(support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor,
+                  allow_empty: bool = False) -> None:
     """Checks one episode's shapes and supports before any work is done on it.
 
     Args:
         support: ``(k, C, H, W)`` support images.
         support_mask: ``(k, H, W)`` support masks.
         query: ``(B, C, H', W')`` query images.
+        allow_empty: accept empty support masks (the benchmark's empty-support control only).
 
     Raises:
         ValueError: no support, masks of another shape, an empty support mask (index named), or queries
@@ -173,7 +175,7 @@ def check_episode(support: torch.Tensor, support_mask: torch.Tensor, query: torc
         k, _, h, w = support.shape
         raise ValueError(f"support masks {tuple(support_mask.shape)} do not match the support images "
                          f"{tuple(support.shape)}: expected ({k}, {h}, {w})")
-    empty = [i for i, m in enumerate(support_mask) if not m.any()]
+    empty = [] if allow_empty else [i for i, m in enumerate(support_mask) if not m.any()]
     if empty:
         raise ValueError(f"support mask(s) {empty} are empty: a prototype needs foreground pixels")
     if query.ndim != 4 or query.shape[1] != support.shape[1]:

@@ -35,13 +35,25 @@ class DiffewS(nn.Module):
     logits, trained with binary cross-entropy plus Dice (:func:`mask_loss`). The mask is not noised: at
     ᾱ = 0 the paper's noisy mask input carries no information.
 
+    The support mask enters at the image's resolution (through the support input convolution), so
+    no mask is downsampled to the fused grids: a support object of one pixel still marks its tokens,
+    and nothing divides by a mask's area.
+
+    **Query-only control** (``query_only=True``): the same network, trained the same way, that never
+    sees a support: the support pass is skipped, the K/V bank stays empty and every self-attention is
+    the query's own. (The paper-style control of a support "zeroed" would still fill the bank, but
+    with one constant image: the same information, at twice the cost.) Its weights carry the flag
+    (the ``query_only`` buffer), and loading them into a model with a support path raises: its
+    support convolution was never trained.
+
     Args:
         backbone: a pixel-space ``UNet2DConditionModel`` adapter (e.g. ``sd-unet-scenes``) or folder;
             its weights are fine-tuned.
         timestep: the fixed DDPM index of both passes.
+        query_only: the query-only control (see above).
     """
 
-    def __init__(self, backbone: str = "sd-unet-scenes", timestep: int = 0) -> None:
+    def __init__(self, backbone: str = "sd-unet-scenes", timestep: int = 0, query_only: bool = False) -> None:
         super().__init__()
         from difffeat.backbones import create_backbone
 
@@ -56,14 +68,28 @@ class DiffewS(nn.Module):
             new.bias.copy_(old.bias.mean(0, keepdim=True))
         model.conv_out = new
         self.fusion = KVFusion(model)
+        self.register_buffer("query_only", torch.tensor(query_only))
 
-    def forward(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Refuses weights of the other kind (query-only into a support model, or the reverse)."""
+        saved = state_dict.get(prefix + "query_only")
+        if saved is not None and bool(saved) != bool(self.query_only):
+            kind = {True: "query-only (trained without any support)", False: "support-conditioned"}
+            why = "its support convolution and K/V path were never trained; " if bool(saved) else ""
+            raise ValueError(f"these DiffewS weights are {kind[bool(saved)]}, but the model is "
+                             f"{kind[bool(self.query_only)]}: {why}build DiffewS(..., query_only={bool(saved)}) "
+                             f"to load them")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor,
+                allow_empty_support: bool = False) -> torch.Tensor:
         """Mask logits of a batch of episodes: one support pass fills the K/V bank, one query pass reads it.
 
         Args:
             support: ``(E, k, C, H, W)`` support images.
             support_mask: ``(E, k, H, W)`` bool support masks.
             query: ``(E, C, H, W)`` query images.
+            allow_empty_support: accept all-background support masks (the empty-support control).
 
         Returns:
             ``(E, H, W)`` query mask logits.
@@ -76,10 +102,12 @@ class DiffewS(nn.Module):
             raise ValueError(f"support {tuple(support.shape)} and masks {tuple(support_mask.shape)} must be "
                              f"(E, k, C, H, W) and (E, k, H, W)")
         for e in range(len(support)):
-            check_episode(support[e], support_mask[e], query[e:e + 1])
+            check_episode(support[e], support_mask[e], query[e:e + 1], allow_empty_support)
         check_images(query, self.backbone.image_channels, "query images")
         check_images(support.flatten(0, 1), self.backbone.image_channels, "support images")
         e, k, c = support.shape[:3]
+        if self.query_only:
+            return self.backbone(query, torch.full((e,), self.timestep, device=query.device))[:, 0]
         mask = (support_mask.float() * 2 - 1)[:, :, None].expand(-1, -1, c, -1, -1)
         s_in = torch.cat([support, mask], 2).flatten(0, 1)
         t = torch.full((e * k,), self.timestep, device=query.device)
@@ -88,18 +116,20 @@ class DiffewS(nn.Module):
         with self.fusion.read():
             return self.backbone(query, t[:e])[:, 0]
 
-    def predict(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def predict(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor,
+                allow_empty_support: bool = False) -> torch.Tensor:
         """Binary query masks of a batch of episodes (a :data:`~heads.fewshot.Predictor`).
 
         Args:
             support: ``(E, k, C, H, W)``.
             support_mask: ``(E, k, H, W)``.
             query: ``(E, C, H, W)``.
+            allow_empty_support: accept all-background support masks (the empty-support control).
 
         Returns:
             ``(E, H, W)`` bool: logit > 0.
         """
-        return self(support, support_mask, query) > 0
+        return self(support, support_mask, query, allow_empty_support) > 0
 
 
 #: target value SMP's losses skip (its own SoftBCEWithLogitsLoss default); ignored pixels get it
@@ -141,20 +171,34 @@ class DiffewSModule(FewShotModule):
         lr: AdamW learning rate.
         num_classes: class-id space of the metric.
         vote: k-shot by per-shot vote instead of one native k-shot pass (all supports in the K/V bank).
+        query_only: train the query-only control (:class:`DiffewS`'s ``query_only``).
     """
 
     def __init__(self, backbone: str = "sd-unet-scenes", timestep: int = 0, lr: float = 1e-4,
-                 num_classes: int = 20, vote: bool = False) -> None:
+                 num_classes: int = 20, vote: bool = False, query_only: bool = False) -> None:
         super().__init__(num_classes, vote)
         self.save_hyperparameters()
         self.lr = lr
-        self.model = DiffewS(backbone, timestep)
+        self.model = DiffewS(backbone, timestep, query_only)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """:func:`mask_loss` of the query masks of a batch of episodes, ignored pixels left out."""
+        """:func:`mask_loss` of the query masks of a batch of episodes, ignored pixels left out.
+
+        Also logs ``train/pair_loss``, the loss of the batch's positive counterfactual-pair episodes alone
+        (from the same logits): the loss a model that ignores its support cannot bring down, since one
+        query image comes with two targets.
+        """
         logits = self.model(batch["support"], batch["support_mask"], batch["query"])
-        loss = mask_loss(logits, batch["query_mask"], batch.get("query_ignore"))
+        ignore = batch.get("query_ignore")
+        loss = mask_loss(logits, batch["query_mask"], ignore)
         self.log("train/loss", loss, prog_bar=True)
+        if "pair" in batch:
+            paired = torch.as_tensor(batch["pair"]) >= 0
+            paired &= ~torch.as_tensor(batch.get("negative", torch.zeros_like(paired))).bool()
+            if paired.any():
+                pair_loss = mask_loss(logits[paired], batch["query_mask"][paired],
+                                      None if ignore is None else ignore[paired])
+                self.log("train/pair_loss", pair_loss.detach())
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -326,13 +326,15 @@ class FewShotDataModule(L.LightningDataModule):
         textured: a random texture per object.
         counterfactual: training episodes in counterfactual pairs, a pair per batch never split.
         negative_fraction: fraction of negative training episodes (0.1–0.2).
+        cache_scenes: keep rendered scenes in memory (see :class:`~difffeat.data.scenes.SceneDataset`);
+            the datamodule's scene sets are built once and shared by all its episode sets.
     """
 
     def __init__(self, fold: int = 0, shots: int = 1, size: int = 64, train_scenes: int = 2000,
                  test_scenes: int = 600, train_episodes: int = 2000, test_episodes: int = 300, seed: int = 0,
                  batch_size: int = 4, num_workers: int = 0, min_objects: int = 1, max_objects: int = 4,
                  distinct: bool = False, textured: bool = False, counterfactual: bool = False,
-                 negative_fraction: float = 0.0) -> None:
+                 negative_fraction: float = 0.0, cache_scenes: bool = False) -> None:
         super().__init__()
         from difffeat.data.scenes import CLASSES, fold_classes
 
@@ -345,23 +347,52 @@ class FewShotDataModule(L.LightningDataModule):
         self.scene_options = {"max_objects": max_objects, "min_objects": min_objects, "distinct": distinct,
                               "textured": textured}
         self.counterfactual, self.negative_fraction = counterfactual, negative_fraction
+        self.cache_scenes, self._scenes = cache_scenes, {}
         if counterfactual and (batch_size % 2 or train_episodes % 2):
             raise ValueError(f"counterfactual pairs need an even batch_size and train_episodes, got {batch_size} "
                              f"and {train_episodes}")
 
-    def _episodes(self, train: bool) -> FewShotEpisodes:
+    def scenes(self, train: bool) -> Dataset:
+        """The scenes behind the training episodes or the evaluation ones, built once per datamodule.
+
+        Training scenes hold the base classes only (``seed``), evaluation scenes all classes (``seed + 1000``).
+        """
         from difffeat.data.scenes import SceneDataset
 
+        if train not in self._scenes:
+            if train:
+                self._scenes[train] = SceneDataset(self.train_scenes, self.size, self.seed, classes=self.base,
+                                                   cache=self.cache_scenes, **self.scene_options)
+            else:
+                self._scenes[train] = SceneDataset(self.test_scenes, self.size, self.seed + 1000,
+                                                   cache=self.cache_scenes, **self.scene_options)
+        return self._scenes[train]
+
+    def episodes(self, train: bool, shots: int | None = None, episodes: int | None = None,
+                 counterfactual: bool | None = None) -> FewShotEpisodes:
+        """The training episodes (base classes) or the evaluation episodes (novel classes, never negative).
+
+        Args:
+            train: training or evaluation episodes.
+            shots: supports per episode (default: the datamodule's).
+            episodes: number of episodes (default: ``train_episodes`` / ``test_episodes``).
+            counterfactual: draw counterfactual pairs (default: the datamodule's setting for training,
+                off for evaluation; on for evaluation gives the pairs a selectivity control scores).
+
+        Returns:
+            The episodes, seeded like the datamodule's loaders.
+        """
+        shots = self.shots if shots is None else shots
         if train:
-            scenes = SceneDataset(self.train_scenes, self.size, self.seed, classes=self.base, **self.scene_options)
-            return FewShotEpisodes(scenes, self.base, self.shots, self.train_episodes, self.seed,
-                                   negative_fraction=self.negative_fraction, counterfactual=self.counterfactual)
-        scenes = SceneDataset(self.test_scenes, self.size, self.seed + 1000, **self.scene_options)
-        return FewShotEpisodes(scenes, self.novel, self.shots, self.test_episodes, self.seed + 1000, evaluation=True)
+            return FewShotEpisodes(self.scenes(True), self.base, shots, episodes or self.train_episodes, self.seed,
+                                   negative_fraction=self.negative_fraction,
+                                   counterfactual=self.counterfactual if counterfactual is None else counterfactual)
+        return FewShotEpisodes(self.scenes(False), self.novel, shots, episodes or self.test_episodes, self.seed + 1000,
+                               counterfactual=bool(counterfactual), evaluation=True)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled base-class episodes (whole counterfactual pairs per batch when pairs are drawn)."""
-        episodes = self._episodes(True)
+        episodes = self.episodes(True)
         if self.counterfactual:
             sampler = PairBatchSampler(len(episodes), self.batch_size, shuffle=True, seed=self.seed)
             return DataLoader(episodes, batch_sampler=sampler, num_workers=self.num_workers)
@@ -369,7 +400,7 @@ class FewShotDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Novel-class episodes, in order (never negative)."""
-        return DataLoader(self._episodes(False), self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.episodes(False), self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         """The validation episodes (nothing is selected on them)."""

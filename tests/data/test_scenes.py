@@ -22,7 +22,7 @@ def test_twenty_classes_in_four_mixed_folds() -> None:
         fold_classes(4)
 
 
-@pytest.mark.parametrize("size", [64, 200])
+@pytest.mark.parametrize("size", [32, 64, 200])
 def test_scenes_are_deterministic_and_consistent(size) -> None:
     for index in range(6):
         a, b = render_scene(index, size, seed=3), render_scene(index, size, seed=3)
@@ -49,7 +49,7 @@ def test_class_subsets_and_dataset_items() -> None:
         ds[5]
 
 
-@pytest.mark.parametrize("kwargs,match", [({"size": 32}, r"\[64, 512\]"), ({"classes": [20]}, "subset"),
+@pytest.mark.parametrize("kwargs,match", [({"size": 16}, r"\[32, 512\]"), ({"classes": [20]}, "subset"),
                                           ({"classes": []}, "subset"), ({"length": 0}, "length")])
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -123,3 +123,26 @@ def test_scene_datamodule_serves_the_variant_when_asked() -> None:
     scenes = loader.dataset.scenes
     assert scenes.fingerprint.startswith("scenes-v2:") and len(scenes[0]["labels"]) >= 2
     assert next(iter(loader))["image"].shape == (2, 3, 64, 64)
+
+
+def test_small_scenes_are_the_double_size_scene_reduced() -> None:
+    for index in range(8):
+        small = render_scene(index, 32, 5, min_objects=2, distinct=True, textured=True)
+        big = render_scene(index, 64, 5, min_objects=2, distinct=True, textured=True)
+        assert len(small["labels"]) >= 2
+        np.testing.assert_allclose(small["image"], big["image"].reshape(3, 32, 2, 32, 2).mean((2, 4)), atol=1e-6)
+        assert set(small["labels"]) <= set(big["labels"])
+        assert not small["masks"].sum(0).max() > 1  # one owner per pixel
+        for m, cls in zip(small["masks"], small["labels"], strict=True):
+            big_m = big["masks"][list(big["labels"]).index(cls)].reshape(32, 2, 32, 2).mean((1, 3))
+            assert (big_m[m] >= 0.5).all()  # a kept pixel was at least half this object
+            assert (small["semantic"][m] == cls + 1).all()
+
+
+def test_cached_scenes_are_served_as_copies() -> None:
+    cached, plain = SceneDataset(3, 32, cache=True, min_objects=2), SceneDataset(3, 32, min_objects=2)
+    first = cached[1]
+    first["image"].zero_()
+    first["semantic"].fill_(7)
+    again = cached[1]
+    assert torch.equal(again["image"], plain[1]["image"]) and torch.equal(again["semantic"], plain[1]["semantic"])

@@ -74,10 +74,10 @@ def test_fewshot_datamodule_keeps_novel_classes_out_of_training() -> None:
 
     dm = FewShotDataModule(fold=1, train_scenes=60, test_scenes=150, train_episodes=6, test_episodes=6)
     assert set(dm.novel) == {5, 6, 7, 8, 9} and not set(dm.novel) & set(dm.base)
-    train = dm._episodes(True)
+    train = dm.episodes(True)
     assert all(set(train.dataset[i]["labels"].tolist()) <= set(dm.base) for i in range(60))
     assert {train[e]["class_id"] for e in range(6)} <= set(dm.base)
-    assert {dm._episodes(False)[e]["class_id"] for e in range(6)} <= set(dm.novel)
+    assert {dm.episodes(False)[e]["class_id"] for e in range(6)} <= set(dm.novel)
 
 
 def test_feature_cache_computes_each_image_once_whatever_the_batch() -> None:

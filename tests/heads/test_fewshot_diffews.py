@@ -95,3 +95,65 @@ def test_the_attn2_scenes_unet_has_self_attention_at_half_resolution() -> None:
     for h in hooks:
         h.remove()
     assert out.shape == (1, 64, 64) and max(grids.values()) == 32 * 32  # 32×32 of a 64×64 scene
+
+
+def _episode(size: int = 32, shots: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    support = torch.rand(2, shots, 3, size, size, generator=gen) * 2 - 1
+    masks = torch.zeros(2, shots, size, size, dtype=torch.bool)
+    masks[..., 4:12, 4:12] = True
+    return support, masks, torch.rand(2, 3, size, size, generator=gen) * 2 - 1
+
+
+def test_query_only_model_never_sees_the_support() -> None:
+    torch.manual_seed(0)
+    model = DiffewS("sd-unet-scenes", query_only=True).eval()
+    support, masks, query = _episode()
+    with torch.no_grad():
+        own = model(support, masks, query)
+        other = model(support.flip(0), masks.flip(0), query)
+        plain = model.backbone(query, torch.zeros(2, dtype=torch.long))[:, 0]
+    torch.testing.assert_close(own, other, rtol=0, atol=0)
+    torch.testing.assert_close(own, plain, rtol=0, atol=0)
+    torch.manual_seed(0)
+    full = DiffewS("sd-unet-scenes").eval()
+    with torch.no_grad():
+        assert not torch.equal(full(support, masks, query), full(support.flip(0), masks.flip(0), query))
+
+
+def test_query_only_weights_are_refused_by_a_support_model() -> None:
+    query_only = DiffewS("sd-unet-scenes", query_only=True).state_dict()
+    with pytest.raises(ValueError, match="query-only .*never trained"):
+        DiffewS("sd-unet-scenes").load_state_dict(query_only)
+    with pytest.raises(ValueError, match="support-conditioned, but the model is query-only"):
+        DiffewS("sd-unet-scenes", query_only=True).load_state_dict(DiffewS("sd-unet-scenes").state_dict())
+    DiffewS("sd-unet-scenes", query_only=True).load_state_dict(query_only)  # same kind loads
+
+
+def test_empty_support_masks_are_refused_unless_the_control_asks() -> None:
+    model = DiffewS("sd-unet-scenes").eval()
+    support, masks, query = _episode()
+    masks[1] = False
+    with pytest.raises(ValueError, match=r"\[0\] are empty"):
+        model(support, masks, query)
+    with torch.no_grad():
+        assert model(support, masks, query, allow_empty_support=True).shape == (2, 32, 32)
+
+
+def test_module_logs_the_loss_of_positive_pair_episodes(monkeypatch) -> None:
+    from heads.fewshot_diffews import DiffewSModule
+
+    module = DiffewSModule("sd-unet-scenes")
+    logits, target = _logits_and_target(3)
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, value))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, *_):
+            return logits
+
+    monkeypatch.setattr(module, "model", Fixed())
+    batch = {"support": None, "support_mask": None, "query": None, "query_mask": target,
+             "pair": torch.tensor([0, 0, -1]), "negative": torch.tensor([False, True, False])}
+    module.training_step(batch, 0)
+    torch.testing.assert_close(logged["train/pair_loss"], mask_loss(logits[:1], target[:1]))
