@@ -75,10 +75,10 @@ def test_mask_and_edge_halves_differ_only_by_their_task_embedding() -> None:
 def test_new_parts_leave_the_pretrained_unet_unchanged_at_init(pretrained: Path) -> None:
     model = DiffDIS(str(pretrained)).eval()
     original = create_backbone(str(pretrained)).eval()
-    x = batch(2)["image"].repeat(2, 1, 1, 1)
-    t = torch.full((4,), model.timestep)
-    labels = torch.cat([task_embedding(0, 2), task_embedding(1, 2)])
-    cond = model.backbone.condition(None, 4)["encoder_hidden_states"]
+    x = batch(1)["image"].repeat(2, 1, 1, 1)
+    t = torch.full((2,), model.timestep)
+    labels = torch.cat([task_embedding(0, 1), task_embedding(1, 1)])
+    cond = model.backbone.condition(None, 2)["encoder_hidden_states"]
     inputs = torch.cat([x, x], 1)  # target channels = image channels: the widened conv_in sees the image twice
     with torch.no_grad():
         full = model.unet(inputs, t, encoder_hidden_states=cond, class_labels=labels,
@@ -105,7 +105,7 @@ def test_one_training_step_is_finite_and_updates_every_new_part(pretrained: Path
     opt = module.configure_optimizers()
     assert opt.param_groups[1]["lr"] == pytest.approx(1e-2)  # the task embedding at 10x
     before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
-    loss = module.training_step(batch(2), 0)
+    loss = module.training_step(batch(1), 0)
     assert torch.isfinite(loss)
     loss.backward()
     opt.step()
@@ -147,9 +147,9 @@ def test_flip_tta_of_a_mirror_symmetric_image_is_mirror_symmetric() -> None:
     tta = model.predict(x, flip=True)
     assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)  # the one-step prediction alone is not
     assert torch.equal(tta, tta.flip(-1))  # mean of p(x) and the un-flipped p(flip x)
-    ms = model.predict(x, flip=True, scales=(1.0, 0.5))
-    assert ms.shape == x[:, :1].shape
-    torch.testing.assert_close(ms, ms.flip(-1), atol=1e-6, rtol=0)  # up to the order of the 4-view sum
+    half = model.predict(x, flip=True, scales=(0.5,))  # predicted at 32 px, mapped back to 64 px
+    assert half.shape == x[:, :1].shape and not torch.allclose(half, tta, atol=1e-3)
+    torch.testing.assert_close(half, half.flip(-1), atol=1e-6, rtol=0)  # bilinear resizing is mirror-symmetric
 
 
 def _write_images(folder: Path, sizes: list[tuple[int, int]]) -> None:
@@ -160,9 +160,9 @@ def _write_images(folder: Path, sizes: list[tuple[int, int]]) -> None:
 
 
 def test_predict_folder_writes_one_png_per_image_at_its_size(tmp_path: Path) -> None:
-    model = DiffDIS(tiny_backbone())
+    model = DiffDIS(tiny_backbone(), edge_weight=0)
     _write_images(tmp_path / "im", [(40, 50), (64, 64), (70, 33)])
-    paths = predict_folder(model, tmp_path / "im", tmp_path / "pred", size=64, flip=True)
+    paths = predict_folder(model, tmp_path / "im", tmp_path / "pred", size=64)
     assert [p.name for p in paths] == ["img0.png", "img1.png", "img2.png"]
     for path, (h, w) in zip(paths, [(40, 50), (64, 64), (70, 33)], strict=True):
         with Image.open(path) as img:
