@@ -6,12 +6,15 @@
 * ``difffeat probe --store DIR``: linear-probe sweep over every feature in a store.
 * ``difffeat backbones [--model NAME_OR_FOLDER] [--match TEXT]``: the supported diffusers families and
   registered names; with ``--model``, that backbone's tap table (name, kind, channels, stride or grid).
+* ``difffeat predict-masks --checkpoint X --images DIR --out DIR [--model_config Y.yaml]``: one 8-bit PNG mask per
+  image of a folder from a trained DIS segmenter (:func:`heads.dis.predict_folder`, all or nothing).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,7 +23,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from difffeat.predict import ExtractionModule, extract_to_store
 
-__all__ = ["backbones", "extract", "families_table", "main", "probe", "taps_table"]
+__all__ = ["backbones", "dis_module_classes", "extract", "families_table", "main", "predict_masks", "probe",
+           "taps_table"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -109,11 +113,95 @@ def backbones(model: str | None = None, match: str | None = None) -> None:
     print(taps_table(backbone, match))
 
 
+def dis_module_classes() -> dict[str, type]:
+    """The DIS segmenters ``predict-masks`` builds, by class path (only these: no other import from a file)."""
+    from heads.dis import DiffDISModule
+    from heads.dis_baselines import FrozenDiffusionSMPModule, SMPSegmentationModule
+
+    return {f"{c.__module__}.{c.__name__}": c for c in (DiffDISModule, SMPSegmentationModule, FrozenDiffusionSMPModule)}
+
+
+def _load_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state_dict, hyper_parameters)`` of a Lightning checkpoint, a plain state dict or a safetensors file."""
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path), {}
+    try:  # tensors and plain containers only: no code is loaded from a checkpoint
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is not a weights-only torch file ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a (Lightning) state dict")
+    if "state_dict" in ckpt:
+        return ckpt["state_dict"], dict(ckpt.get("hyper_parameters") or {})
+    return ckpt, {}
+
+
+def predict_masks(checkpoint: str, images: str, out: str, model_config: str | None = None, size: int | None = None,
+                  flip: bool = False, scales: list[float] | None = None, overwrite: bool = False) -> None:
+    """Writes one 8-bit PNG mask per image of a folder with a trained DIS segmenter.
+
+    The model is built from ``model_config``'s ``model`` section (a ``difffeat fit`` YAML) or, without it, from
+    the hyper-parameters a ``difffeat fit`` checkpoint stores (its ``_class_path`` and init arguments);
+    either way only the DIS modules of :func:`dis_module_classes` are built. The weights are read as
+    tensors only (``torch.load(weights_only=True)`` or safetensors) and must match the model exactly.
+
+    Args:
+        checkpoint: a Lightning ``.ckpt``, a ``torch.save``-d state dict or a ``.safetensors`` file.
+        images: folder of images.
+        out: prediction folder to create (refused if it exists, unless ``overwrite``).
+        model_config: the YAML the model was trained with (``--config`` is the command's own option).
+        size: model input side (default: the config's ``data.init_args.size``, else the model's own).
+        flip: flip test-time augmentation.
+        scales: test-time scales (default ``[1.0]``).
+        overwrite: replace an existing ``out``.
+
+    Raises:
+        FileNotFoundError: the checkpoint or the config is missing.
+        KeyError: the model class is not a DIS segmenter (the valid ones listed).
+        ValueError: no model description, or weights that do not fit the model.
+    """
+    import yaml
+
+    from heads.dis import predict_folder
+
+    state, hparams = _load_weights(Path(checkpoint))
+    if model_config is not None:
+        if not Path(model_config).is_file():
+            raise FileNotFoundError(f"config {model_config} does not exist")
+        spec = yaml.safe_load(Path(model_config).read_text()) or {}
+        model_spec = spec.get("model") or {}
+        class_path, init_args = model_spec.get("class_path"), dict(model_spec.get("init_args") or {})
+        size = size or ((spec.get("data") or {}).get("init_args") or {}).get("size")
+    else:
+        hparams.pop("_instantiator", None)
+        class_path, init_args = hparams.pop("_class_path", None), hparams
+    if class_path is None:
+        raise ValueError(f"checkpoint {checkpoint} does not name its model class; give the training config with "
+                         f"--model_config")
+    classes = dis_module_classes()
+    if class_path not in classes:
+        raise KeyError(f"model class {class_path!r} is not a DIS segmenter; expected one of {', '.join(classes)}")
+    model = classes[class_path](**init_args)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not fit {class_path}: {e}") from e
+    written = predict_folder(model, images, out, size=size, flip=flip, scales=scales or [1.0], overwrite=overwrite)
+    print(f"wrote {len(written)} masks to {out}")
+
+
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of the ``difffeat`` command (``args`` defaults to ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("extract", "probe", "backbones"):
-        return CLI([extract, probe, backbones], args=argv, as_positional=False)
+    if argv and argv[0] in ("extract", "probe", "backbones", "predict-masks"):
+        argv[0] = argv[0].replace("-", "_")  # the function predict_masks
+        return CLI([extract, probe, backbones, predict_masks], args=argv, as_positional=False)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         if not argv:

@@ -77,8 +77,8 @@ from difffeat.backbones.base import Backbone, check_images
 from heads.dis_metrics import DISMetrics
 from heads.fewshot_diffews import mask_loss
 
-__all__ = ["TASKS", "DetailBalancingInteraction", "DiffDIS", "DiffDISModule", "dis_loss", "predict_folder",
-           "task_embedding"]
+__all__ = ["TASKS", "DISModule", "DetailBalancingInteraction", "DiffDIS", "DiffDISModule", "dis_loss",
+           "predict_folder", "task_embedding", "tta_predict"]
 
 #: the tasks stacked along the batch, in this order
 TASKS = ("mask", "edge")
@@ -332,37 +332,63 @@ class DiffDIS(nn.Module):
             return (x0_hat.clamp(-1, 1) + 1) / 2
         return x0_hat.sigmoid()
 
+    @property
+    def image_size(self) -> int:
+        """The U-Net's training side (the default input size of :func:`predict_folder`)."""
+        return self.backbone.image_size
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, flip: bool = False, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
-        """Mask probabilities in one step, with optional test-time augmentation.
-
-        Each view's probabilities are mapped back to the input's frame and size and averaged: the image
-        itself and, with ``flip``, its horizontal mirror; at each of ``scales`` (each side rounded to a
-        multiple of the U-Net's downsampling).
+        """Mask probabilities in one step, with optional test-time augmentation (:func:`tta_predict`).
 
         Args:
             images: ``(B, 3, H, W)`` in ``[-1, 1]``.
             flip: add horizontally flipped views.
-            scales: image scales (1.0 = as given).
+            scales: image scales (1.0 = as given), each side rounded to a multiple of the U-Net's downsampling.
 
         Returns:
             ``(B, 1, H, W)`` float probabilities in ``[0, 1]``.
         """
         self.check(images)
-        h, w = images.shape[-2:]
-        views = []
-        for s in scales:
-            if s <= 0:
-                raise ValueError(f"test-time scales must be > 0, got {s}")
-            size = tuple(max(self.downsampling, round(n * s / self.downsampling) * self.downsampling) for n in (h, w))
-            x = images if size == (h, w) else F.interpolate(images, size, mode="bilinear", align_corners=False,
-                                                            antialias=True).clamp(-1, 1)
-            for flipped in (False, True) if flip else (False,):
-                v = x.flip(-1) if flipped else x
-                p = self.probabilities(self(v)["mask"])
-                p = p.flip(-1) if flipped else p
-                views.append(p if size == (h, w) else F.interpolate(p, (h, w), mode="bilinear", align_corners=False))
-        return torch.stack(views).mean(0).clamp(0, 1)
+        return tta_predict(lambda x: self.probabilities(self(x)["mask"]), images, flip, scales,
+                                 self.downsampling)
+
+
+def tta_predict(predict: Any, images: torch.Tensor, flip: bool = False, scales: Sequence[float] = (1.0,),
+                      multiple: int = 1) -> torch.Tensor:
+    """Mean probabilities over flipped and rescaled views, each mapped back to the input's frame and size.
+
+    The views are the image itself and, with ``flip``, its horizontal mirror, at each of ``scales``
+    (each side rounded to a multiple of ``multiple``, at least ``multiple``; antialiased bilinear
+    resizing). Each view's probabilities are un-flipped and resized back (bilinear) before averaging.
+
+    Args:
+        predict: ``(N, 3, h, w)`` images -> ``(N, 1, h, w)`` probabilities.
+        images: ``(B, 3, H, W)`` in ``[-1, 1]``.
+        flip: add horizontally flipped views.
+        scales: image scales (1.0 = as given).
+        multiple: the sides a model accepts are multiples of this.
+
+    Returns:
+        ``(B, 1, H, W)`` float probabilities in ``[0, 1]``.
+
+    Raises:
+        ValueError: a scale <= 0.
+    """
+    h, w = images.shape[-2:]
+    views = []
+    for s in scales:
+        if s <= 0:
+            raise ValueError(f"test-time scales must be > 0, got {s}")
+        size = tuple(max(multiple, round(n * s / multiple) * multiple) for n in (h, w))
+        x = images if size == (h, w) else F.interpolate(images, size, mode="bilinear", align_corners=False,
+                                                        antialias=True).clamp(-1, 1)
+        for flipped in (False, True) if flip else (False,):
+            v = x.flip(-1) if flipped else x
+            p = predict(v)
+            p = p.flip(-1) if flipped else p
+            views.append(p if size == (h, w) else F.interpolate(p, (h, w), mode="bilinear", align_corners=False))
+    return torch.stack(views).mean(0).clamp(0, 1)
 
 
 class _SkipConditioning(nn.Module):
@@ -430,12 +456,103 @@ def dis_loss(maps: dict[str, torch.Tensor], mask: torch.Tensor, edge: torch.Tens
     return out
 
 
-class DiffDISModule(L.LightningModule):
-    """Fine-tunes :class:`DiffDIS` on :class:`~difffeat.data.dis.DISDataModule` batches and scores it.
+class DISModule(L.LightningModule):
+    """What every DIS segmenter's LightningModule shares: training-step logging, DIS-suite evaluation, TTA.
+
+    A subclass builds its network, then implements :meth:`losses` (a dict with ``"loss"``, from a
+    :class:`~difffeat.data.dis.DISDataModule` batch), :meth:`predict_view` (probabilities of one view)
+    and :meth:`configure_optimizers`; it sets :attr:`size_multiple` (the sides the network accepts are
+    multiples of it) and :attr:`image_size` (the default input side of :func:`predict_folder`).
 
     Validation logs the DIS suite without HCE (``val/<metric>``, cheap enough per epoch); testing logs the
     whole suite (``test/<metric>``, or ``test/<i>/<metric>`` for the ``i``-th of several test sets), both
     from :class:`~heads.dis_metrics.DISMetrics` accumulated over the epoch's images.
+
+    Args:
+        tta_flip: flip test-time augmentation in validation, test and :meth:`predict`.
+        tta_scales: test-time scales.
+        val_hce: also compute HCE in validation.
+    """
+
+    #: the network takes sides that are multiples of this
+    size_multiple: int = 1
+
+    def __init__(self, tta_flip: bool = False, tta_scales: Sequence[float] = (1.0,), val_hce: bool = False) -> None:
+        super().__init__()
+        self.tta_flip, self.tta_scales = tta_flip, tuple(tta_scales)
+        self.val_metrics = DISMetrics(with_hce=val_hce)
+        self._test_metrics: dict[int, DISMetrics] = {}
+
+    @property
+    def image_size(self) -> int:
+        """The default input side of :func:`predict_folder`."""
+        raise NotImplementedError
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The training loss (``"loss"``) and its terms for a batch."""
+        raise NotImplementedError
+
+    def predict_view(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` mask probabilities in ``[0, 1]`` of ``(B, 3, H, W)`` images, no augmentation."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, flip: bool = False, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+        """Mask probabilities with optional test-time augmentation (:func:`tta_predict`).
+
+        Args:
+            images: ``(B, 3, H, W)`` in ``[-1, 1]``.
+            flip: add horizontally flipped views.
+            scales: image scales (1.0 = as given).
+
+        Returns:
+            ``(B, 1, H, W)`` float probabilities in ``[0, 1]``.
+        """
+        return tta_predict(self.predict_view, images, flip, scales, self.size_multiple)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """:meth:`losses` of one step; logs ``train/loss`` and its other terms."""
+        losses = self.losses(batch)
+        n = len(batch["image"])
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
+        for name, value in losses.items():
+            if name != "loss":
+                self.log(f"train/{name}", value.detach(), batch_size=n)
+        return losses["loss"]
+
+    def _predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.predict(batch["image"], self.tta_flip, self.tta_scales)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Adds the batch's predictions to the validation metrics."""
+        self.val_metrics.update(self._predict(batch), batch["mask"] > 0.5)
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs the validation suite over the epoch's images and resets it."""
+        if self.val_metrics.num_images or self.trainer.world_size > 1:
+            self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Adds the batch's predictions to the metrics of its test set (the whole suite, HCE included)."""
+        if dataloader_idx not in self._test_metrics:
+            self._test_metrics[dataloader_idx] = DISMetrics(with_hce=True).to(self.device)
+        self._test_metrics[dataloader_idx].update(self._predict(batch), batch["mask"] > 0.5)
+
+    def on_test_epoch_end(self) -> None:
+        """Logs each test set's suite and resets it."""
+        several = len(self._test_metrics) > 1
+        for i, metric in sorted(self._test_metrics.items()):
+            prefix = f"test/{i}/" if several else "test/"
+            self.log_dict({prefix + k: v.float() for k, v in metric.compute().items()})
+            metric.reset()
+        self._test_metrics.clear()
+
+
+class DiffDISModule(DISModule):
+    """Fine-tunes :class:`DiffDIS` on :class:`~difffeat.data.dis.DISDataModule` batches and scores it.
+
+    Evaluation, logging and test-time augmentation are :class:`DISModule`'s.
 
     Args:
         backbone: a pixel-space ``UNet2DConditionModel`` name or folder.
@@ -461,52 +578,26 @@ class DiffDISModule(L.LightningModule):
                  class_embedding_lr_scale: float = 10.0, weight_decay: float = 0.0, tta_flip: bool = False,
                  tta_scales: Sequence[float] = (1.0,),
                  val_hce: bool = False, seed: int = 0, backbone_kwargs: dict[str, Any] | None = None) -> None:
-        super().__init__()
+        super().__init__(tta_flip, tta_scales, val_hce)
         self.save_hyperparameters()
         self.model = DiffDIS(backbone, edge_weight, interaction, multiscale_condition, timestep, prediction_type,
                              loss, seed, backbone_kwargs)
         self.lr, self.class_embedding_lr_scale, self.weight_decay = lr, class_embedding_lr_scale, weight_decay
-        self.tta_flip, self.tta_scales = tta_flip, tuple(tta_scales)
-        self.val_metrics = DISMetrics(with_hce=val_hce)
-        self._test_metrics: dict[int, DISMetrics] = {}
+        self.size_multiple = self.model.downsampling
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """:func:`dis_loss` of one stacked mask/edge step; logs ``train/loss`` and its terms."""
+    @property
+    def image_size(self) -> int:
+        """The U-Net's training side."""
+        return self.model.image_size
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:func:`dis_loss` of one stacked mask/edge step."""
         maps = self.model(batch["image"], batch["mask"], batch.get("edge"))
-        losses = dis_loss(maps, batch["mask"], batch.get("edge"), self.model.edge_weight, self.model.loss_kind)
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["image"]))
-        for name in ("mask_loss", "edge_loss"):
-            if name in losses:
-                self.log(f"train/{name}", losses[name].detach(), batch_size=len(batch["image"]))
-        return losses["loss"]
+        return dis_loss(maps, batch["mask"], batch.get("edge"), self.model.edge_weight, self.model.loss_kind)
 
-    def _predict(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model.predict(batch["image"], self.tta_flip, self.tta_scales)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Adds the batch's one-step predictions to the validation metrics."""
-        self.val_metrics.update(self._predict(batch), batch["mask"] > 0.5)
-
-    def on_validation_epoch_end(self) -> None:
-        """Logs the validation suite over the epoch's images and resets it."""
-        if self.val_metrics.num_images or self.trainer.world_size > 1:
-            self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
-        self.val_metrics.reset()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Adds the batch's predictions to the metrics of its test set (the whole suite, HCE included)."""
-        if dataloader_idx not in self._test_metrics:
-            self._test_metrics[dataloader_idx] = DISMetrics(with_hce=True).to(self.device)
-        self._test_metrics[dataloader_idx].update(self._predict(batch), batch["mask"] > 0.5)
-
-    def on_test_epoch_end(self) -> None:
-        """Logs each test set's suite and resets it."""
-        several = len(self._test_metrics) > 1
-        for i, metric in sorted(self._test_metrics.items()):
-            prefix = f"test/{i}/" if several else "test/"
-            self.log_dict({prefix + k: v.float() for k, v in metric.compute().items()})
-            metric.reset()
-        self._test_metrics.clear()
+    def predict_view(self, images: torch.Tensor) -> torch.Tensor:
+        """One-step mask probabilities of one view."""
+        return self.model.probabilities(self.model(images)["mask"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the whole U-Net and the new modules; the task embedding at a higher rate."""
@@ -534,7 +625,7 @@ def _images_in(image_dir: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def predict_folder(model: DiffDIS | DiffDISModule, image_dir: str | Path, out_dir: str | Path,
+def predict_folder(model: DiffDIS | DISModule, image_dir: str | Path, out_dir: str | Path,
                    size: int | None = None, flip: bool = False, scales: Sequence[float] = (1.0,),
                    overwrite: bool = False) -> list[Path]:
     """Writes one 8-bit grey PNG mask per image of a folder, all or nothing.
@@ -546,10 +637,10 @@ def predict_folder(model: DiffDIS | DiffDISModule, image_dir: str | Path, out_di
     succeeded; after any error the temporary folder is removed, so no partial prediction folder is left.
 
     Args:
-        model: the trained model (or its module).
+        model: the trained model, or any :class:`DISModule` (DiffDIS or a baseline).
         image_dir: folder of images (``.jpg``, ``.png``, … ; not recursive).
         out_dir: the prediction folder to create.
-        size: model input side (``None``: the U-Net's training size); a multiple of its downsampling.
+        size: model input side (``None``: the model's ``image_size``); a multiple of its ``size_multiple``.
         flip: flip test-time augmentation.
         scales: test-time scales.
         overwrite: replace an existing ``out_dir`` (else refused).
@@ -565,18 +656,17 @@ def predict_folder(model: DiffDIS | DiffDISModule, image_dir: str | Path, out_di
     """
     from difffeat.data.dis import read_image
 
-    net = model.model if isinstance(model, DiffDISModule) else model
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     files = _images_in(image_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"prediction folder {out_dir} exists; remove it or pass overwrite=True")
-    size = size or net.backbone.image_size
-    device = next(net.parameters()).device
+    size = size or model.image_size
+    device = next(model.parameters()).device
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()
-    was_training = net.training
-    net.eval()
+    was_training = model.training
+    model.eval()
     try:
         written = []
         for path in files:
@@ -584,7 +674,7 @@ def predict_folder(model: DiffDIS | DiffDISModule, image_dir: str | Path, out_di
             h, w = pixels.shape[:2]
             x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
             x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
-            p = net.predict(x, flip, scales)
+            p = model.predict(x, flip, scales)
             p = F.interpolate(p, (h, w), mode="bilinear", align_corners=False).clamp(0, 1)[0, 0]
             png = (p * 255).to(torch.uint8).cpu().numpy()
             Image.fromarray(np.ascontiguousarray(png), mode="L").save(tmp / f"{path.stem}.png")
@@ -599,5 +689,5 @@ def predict_folder(model: DiffDIS | DiffDISModule, image_dir: str | Path, out_di
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        net.train(was_training)
+        model.train(was_training)
 

@@ -13,7 +13,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 # configs that point at a backbone another config trains (`make run`, ddpm_scenes.yaml) run here on the same
 # architecture, random init
 TRAINED = {".cache/difffeat/backbones/unet2d-digits": "unet2d-digits",
-           ".cache/difffeat/backbones/sd-unet-scenes-ddpm": "sd-unet-scenes"}
+           ".cache/difffeat/backbones/sd-unet-scenes-ddpm": "sd-unet-scenes",
+           ".cache/difffeat/backbones/sd-unet-scenes-attn2-ddpm": "sd-unet-scenes-attn2"}
 
 
 def _overrides(path: Path, tmp_path: Path) -> list[str]:
@@ -114,3 +115,70 @@ def test_backbones_prints_a_tap_table(capsys) -> None:
     assert [line.split("`")[1] for line in rows] == list(info)
     first = info[next(iter(info))]
     assert rows[0] == f"| `{first.name}` | map | {first.channels} | stride {first.stride} |"
+
+
+def _dis_images(folder: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 50), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+
+
+def test_predict_masks_from_a_fit_checkpoint(tmp_path: Path, capsys) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from heads.dis import predict_folder
+    from heads.dis_baselines import SMPSegmentationModule
+
+    config = Path(__file__).parent.parent / "configs" / "dis_smp_unet.yaml"
+    main(["fit", "--config", str(config), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(tmp_path / "run"),
+          "--data.size", "64", "--data.batch_size", "2", "--data.lengths", "[2, 1, 1]",
+          "--model.decoder_channels", "[16, 16, 8, 8, 8]"])
+    [ckpt] = (tmp_path / "run").rglob("*.ckpt")
+    _dis_images(tmp_path / "im")
+    # the model rebuilt from the checkpoint's own hyper-parameters (no config), weights read as tensors only
+    main(["predict-masks", "--checkpoint", str(ckpt), "--images", str(tmp_path / "im"), "--out",
+          str(tmp_path / "pred"), "--size", "64"])
+    assert "wrote 2 masks" in capsys.readouterr().out
+    state = torch.load(ckpt, weights_only=True)
+    module = SMPSegmentationModule(**{k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")})
+    module.load_state_dict(state["state_dict"])
+    expected = predict_folder(module, tmp_path / "im", tmp_path / "expected", size=64)
+    for path in expected:
+        with Image.open(path) as want, Image.open(tmp_path / "pred" / path.name) as got:
+            assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))
+    # the same from a plain state dict and the training config (which gives the default size)
+    torch.save(state["state_dict"], tmp_path / "weights.pt")
+    small = tmp_path / "small.yaml"
+    small.write_text(config.read_text().replace("image_size: 128", "decoder_channels: [16, 16, 8, 8, 8]").replace(
+        "size: 128", "size: 64"))
+    main(["predict-masks", "--checkpoint", str(tmp_path / "weights.pt"), "--model_config", str(small), "--images",
+          str(tmp_path / "im"), "--out", str(tmp_path / "pred2")])
+    for path in expected:
+        with Image.open(path) as want, Image.open(tmp_path / "pred2" / path.name) as got:
+            assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_predict_masks_refuses_other_classes_and_mismatched_weights(tmp_path: Path) -> None:
+    import torch
+
+    _dis_images(tmp_path / "im")
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "os.system"}}, tmp_path / "evil.ckpt")
+    with pytest.raises(KeyError, match="not a DIS segmenter"):
+        main(["predict-masks", "--checkpoint", str(tmp_path / "evil.ckpt"), "--images", str(tmp_path / "im"),
+              "--out", str(tmp_path / "pred")])
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "nohp.ckpt")
+    with pytest.raises(ValueError, match="--model_config"):
+        main(["predict-masks", "--checkpoint", str(tmp_path / "nohp.ckpt"), "--images", str(tmp_path / "im"),
+              "--out", str(tmp_path / "pred")])
+    config = Path(__file__).parent.parent / "configs" / "dis_smp_unet.yaml"
+    with pytest.raises(ValueError, match="does not fit"):
+        main(["predict-masks", "--checkpoint", str(tmp_path / "nohp.ckpt"), "--model_config", str(config), "--images",
+              str(tmp_path / "im"), "--out", str(tmp_path / "pred")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.ckpt", "im", "nohp.ckpt"]  # nothing written
