@@ -4,8 +4,8 @@ and the controls that say whether a method segments what its support shows.
 Scenes: 32×32, 2–4 objects of *distinct* classes each, every object with its own random texture (so only
 shape identifies a class), train and test alike (``SCENES``). A query therefore holds several classes and
 its target is the episode's class alone. 32 px, not 64: DiffewS with KV fusion at the 1/2-resolution grid
-costs 4.2 s per 8-episode training step at 64 px on this 2-core CPU and 1.0 s at 32 px (measured with
-``sd-unet-scenes-attn2``); four folds of two trained models fit only at 32.
+costs about 4× more per training step at 64 px than at 32 on the CPU
+(``experiments/results/bench_fewshot_fusion.md``); four folds of two trained models fit only at 32.
 
 Arms, all scored on the same seeded test episodes (fold ``f``'s five novel classes, scenes of another seed
 than any training scene), features and weights from one diffusion model: ``sd-unet-scenes-attn2``
