@@ -27,12 +27,40 @@ from difffeat.extract import DEFAULT_BATCH_SIZE, FeatureExtractor, feature_name,
 from difffeat.readout import Readout
 from difffeat.store import FeatureStore
 
-__all__ = ["FrozenFeatureModule"]
+__all__ = ["FrozenFeatureModule", "FrozenPartState"]
 
 _FROZEN = "extractor."
 
 
-class FrozenFeatureModule(L.LightningModule):
+class FrozenPartState:
+    """A module mixin for a frozen part under the attribute prefix ``frozen_prefix``.
+
+    The part stays out of the optimiser (:meth:`unfrozen_parameters`) and out of checkpoints
+    (:meth:`state_dict` drops it), and :meth:`load_state_dict` keeps the weights it was built with. List it
+    before ``nn.Module`` bases.
+    """
+
+    frozen_prefix: str = _FROZEN
+
+    def unfrozen_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter outside the frozen part."""
+        return (p for n, p in self.named_parameters() if not n.startswith(self.frozen_prefix))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The state without the frozen part."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for key in [k for k in state if k.startswith(prefix + self.frozen_prefix)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Loads a state without the frozen part; the frozen part keeps the weights it was built with."""
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(self.frozen_prefix)}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+
+
+class FrozenFeatureModule(FrozenPartState, L.LightningModule):
     """A head's LightningModule on a frozen backbone's features, online or from a store.
 
     Args:
@@ -114,17 +142,5 @@ class FrozenFeatureModule(L.LightningModule):
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable parameters: everything but the backbone."""
-        return (p for n, p in self.named_parameters() if not n.startswith(_FROZEN))
+        return self.unfrozen_parameters()
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The head's state only: the frozen backbone is left out of checkpoints."""
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        for key in [k for k in state if k.startswith(prefix + _FROZEN)]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Loads a head's state; the backbone keeps the weights it was built with."""
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(_FROZEN)}
-        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)

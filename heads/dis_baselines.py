@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from heads.base import FrozenPartState
 from heads.dis import DISModule, dis_loss
 
 __all__ = ["DECODERS", "FrozenDiffusionSMPModule", "SMPSegmentationModule"]
@@ -154,7 +155,7 @@ def _fpn_decoder(channels: Sequence[int], pyramid_channels: int = 64, strides: S
 DECODERS: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {"unet": _unet_decoder, "fpn": _fpn_decoder}
 
 
-class FrozenDiffusionSMPModule(_MaskLogitsModule):
+class FrozenDiffusionSMPModule(FrozenPartState, _MaskLogitsModule):
     """Baseline (b): an SMP decoder on the frozen multi-scale features of a diffusion U-Net.
 
     Args:
@@ -205,24 +206,14 @@ class FrozenDiffusionSMPModule(_MaskLogitsModule):
         return self.head(self.decoder(self.encoder(images)))
 
     # ------------------------------------------------------------------ frozen means frozen
+    frozen_prefix = _FROZEN
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The decoder's and the head's parameters; never the encoder's."""
-        return (p for n, p in self.named_parameters() if not n.startswith(_FROZEN))
+        return self.unfrozen_parameters()
 
     def on_fit_start(self) -> None:
         """Checks the backbone is frozen before any step."""
         if any(p.requires_grad for p in self.encoder.parameters()):
             raise RuntimeError("the diffusion encoder of a frozen-feature baseline has trainable parameters")
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The decoder's and head's state only: the frozen backbone is left out of checkpoints."""
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        for key in [k for k in state if k.startswith(prefix + _FROZEN)]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Loads a decoder's state; the backbone keeps the weights it was built with."""
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(_FROZEN)}
-        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
