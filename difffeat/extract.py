@@ -108,12 +108,16 @@ class FeatureExtractor(nn.Module):
         input_range: the value range of the images given (``(0, 1)``, ``(0, 255)``); they are mapped
             linearly onto the ``[-1, 1]`` the backbone expects. ``None`` (default): already in ``[-1, 1]``
             (anything else is refused).
+        pad_rows: on the CPU, pad every forward to :data:`CPU_ROWS` rows so features do not depend on the
+            batch (default). ``False``: up to ``batch_size`` rows per forward, unpadded, as on a GPU;
+            features then agree across batch sizes to float rounding only. Not part of :meth:`spec`.
     """
 
     def __init__(self, backbone: Backbone, layers: Sequence[str], timesteps: Sequence[int], ensemble: int = 1,
                  seed: int = 0, readout: Readout | None = None, dtype: torch.dtype | None = None,
                  early_exit: bool = True, batch_size: int = DEFAULT_BATCH_SIZE, noise: str = "index",
-                 input_range: tuple[float, float] | None = None, inversion_steps: int = 50) -> None:
+                 input_range: tuple[float, float] | None = None, inversion_steps: int = 50,
+                 pad_rows: bool = True) -> None:
         super().__init__()
         if not layers:
             raise ValueError(f"give at least one layer; valid layers: {list(backbone.feature_info)}")
@@ -141,6 +145,7 @@ class FeatureExtractor(nn.Module):
             raise ValueError("give at least one timestep")
         self.ensemble, self.seed, self.early_exit = ensemble, seed, early_exit
         self.batch_size, self.noise, self.inversion_steps = batch_size, noise, int(inversion_steps)
+        self.pad_rows = bool(pad_rows)
         self.input_range = tuple(float(v) for v in input_range) if input_range is not None else None
         self.readout = readout if readout is not None else GlobalAvg()
 
@@ -188,7 +193,7 @@ class FeatureExtractor(nn.Module):
         if self.backbone.vae is None or not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) < 2:
             return self.backbone.encode(images)
         check_images(images, self.backbone.image_channels)  # the whole batch, before any work
-        chunk = 1 if _fixed_rows(images.device) else self.batch_size
+        chunk = 1 if self.pad_rows and _fixed_rows(images.device) else self.batch_size
         return torch.cat([self.backbone.encode(images[s:s + chunk]) for s in range(0, len(images), chunk)])
 
     def noise_keys(self, images: torch.Tensor, indices: torch.Tensor | Sequence[int] | None) -> list[int]:
@@ -253,7 +258,7 @@ class FeatureExtractor(nn.Module):
         rows_i = torch.arange(b, device=device).repeat(len(self.timesteps))
         infos = self.backbone.feature_info
         sums: dict[FeatureKey, torch.Tensor] = {}
-        fixed = _fixed_rows(device)
+        fixed = _fixed_rows(device) if self.pad_rows else None
         chunk = fixed or self.batch_size
         inverted = self._inverted(x0, cond, chunk, fixed) if self.noise == "ddim_inversion" else None
         for member in range(self.ensemble):

@@ -22,9 +22,9 @@ The diffusion backbone is the scenes U-Net that :file:`configs/ddpm_scenes.yaml`
 scenes (trained here first if missing, by :func:`experiments.probe_digits.ensure_backbone`); ``--backbone``
 replaces it (e.g. ``sd-unet-scenes``, the random-init architecture, for a smoke run).
 
-CPU cost notes: the frozen encoder runs every forward on :data:`difffeat.extract.CPU_ROWS` rows (batch-size
-independent features on the CPU), so a 4-image training batch costs a 32-row forward; evaluation uses
-``--eval-batch`` (32 by default) so test forwards are not padded.
+CPU cost notes: the frozen encoder of (b) runs its forwards unpadded (``pad_rows=False``, the module's
+default), so a 4-image training batch costs a 4-row forward rather than a :data:`difffeat.extract.CPU_ROWS`-row
+one; evaluation uses ``--eval-batch`` (32 by default).
 
 Rerun: ``python -m experiments.dis_benchmark`` (writes ``experiments/results/dis_benchmark.md`` and
 ``dis_benchmark_examples.png``; each finished (method, seed) is cached as JSON under ``.cache/difffeat/dis``

@@ -174,6 +174,9 @@ class FrozenDiffusionSMPModule(FrozenPartState, _MaskLogitsModule):
         tta_scales: test-time scales.
         val_hce: also compute HCE in validation.
         backbone_kwargs: extra ``create_backbone`` arguments.
+        pad_rows: pad the encoder's CPU forwards to fixed rows (``False`` by default: the features feed a
+            decoder being trained, not a store, so batch-independent bits buy nothing, and a 4-image batch
+            padded to 32 rows costs 8× the forward; see :class:`~difffeat.extract.FeatureExtractor`).
 
     Raises:
         KeyError: an unknown decoder (the valid names listed).
@@ -186,13 +189,13 @@ class FrozenDiffusionSMPModule(FrozenPartState, _MaskLogitsModule):
                  decoder_channels: Sequence[int] | None = None, pyramid_channels: int = 64, lr: float = 1e-3,
                  weight_decay: float = 1e-4, image_size: int | None = None, seed: int = 0, tta_flip: bool = False,
                  tta_scales: Sequence[float] = (1.0,), val_hce: bool = False,
-                 backbone_kwargs: dict[str, Any] | None = None) -> None:
+                 backbone_kwargs: dict[str, Any] | None = None, pad_rows: bool = False) -> None:
         from difffeat.encoder import DiffusionEncoder
 
         if decoder not in DECODERS:
             raise KeyError(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
         encoder = DiffusionEncoder(backbone, list(layers), timestep, output_strides=output_strides, finetune=False,
-                                   seed=seed, backbone_kwargs=backbone_kwargs)
+                                   seed=seed, backbone_kwargs=backbone_kwargs, pad_rows=pad_rows)
         super().__init__(lr, weight_decay, image_size or encoder.backbone.image_size, tta_flip, tta_scales, val_hce)
         self.save_hyperparameters()
         self.encoder = encoder

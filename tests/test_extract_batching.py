@@ -34,9 +34,9 @@ def test_features_do_not_depend_on_batch_size(name) -> None:
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
 
 
-def _forward_rows(batch_size: int) -> list[int]:
+def _forward_rows(batch_size: int, pad_rows: bool = True) -> list[int]:
     backbone = create_backbone("unet2d-tiny")
-    fe = FeatureExtractor(backbone, ["up_blocks.0"], [10, 200, 500], batch_size=batch_size)
+    fe = FeatureExtractor(backbone, ["up_blocks.0"], [10, 200, 500], batch_size=batch_size, pad_rows=pad_rows)
     seen: list[int] = []
     handle = backbone.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
     try:
@@ -55,6 +55,16 @@ def test_a_forward_never_exceeds_batch_size_rows_on_an_accelerator(monkeypatch) 
 
 def test_every_cpu_forward_has_the_fixed_row_count() -> None:
     assert _forward_rows(40) == _forward_rows(1000) == [CPU_ROWS] * 6  # 192 rows, never one forward of 192
+
+
+def test_pad_rows_off_runs_batch_size_rows_on_the_cpu_and_agrees_to_rounding() -> None:
+    assert _forward_rows(40, pad_rows=False) == [40] * 4 + [32]  # as on an accelerator: no 32-row padding
+    backbone = create_backbone("unet2d-tiny", seed=0)
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    padded = FeatureExtractor(backbone, ["up_blocks.0"], [10, 500])(x, range(5))
+    unpadded = FeatureExtractor(backbone, ["up_blocks.0"], [10, 500], batch_size=3, pad_rows=False)(x, range(5))
+    for key in padded:
+        torch.testing.assert_close(unpadded[key], padded[key], rtol=1e-5, atol=1e-6)
 
 
 def test_store_bytes_do_not_depend_on_batch_size(tmp_path) -> None:
