@@ -47,8 +47,10 @@ __all__ = [
     "ChannelMapper",
     "DetectionAdapter",
     "SetDetectionHead",
+    "fit_adapter",
     "hungarian_match",
     "match_cost",
+    "resize_taps",
     "set_criterion",
     "synthesize_from_checkpoint",
 ]
@@ -240,7 +242,10 @@ class SetDetectionHead(nn.Module):
 
 
 def resize_taps(maps: Sequence[torch.Tensor], strides: Sequence[int], size: tuple[int, int]) -> list[torch.Tensor]:
-    """Tap maps resized to ``size / stride`` as :class:`~difffeat.encoder.DiffusionEncoder` does (area down, bilinear up)."""
+    """Tap maps resized to ``size / stride`` as :class:`~difffeat.encoder.DiffusionEncoder` resizes them.
+
+    Area averaging down, bilinear up.
+    """
     out = []
     for m, s in zip(maps, strides, strict=True):
         target = (size[0] // s, size[1] // s)
