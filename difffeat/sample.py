@@ -20,13 +20,17 @@ measured with it stay valid.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from difffeat.backbones.base import Backbone
 from difffeat.noise import FlowSchedule, NoiseSchedule
+
+if TYPE_CHECKING:
+    from difffeat.cache import DeepCache
 
 __all__ = ["PREDICTION_TYPES", "sample", "sampling_scheduler"]
 
@@ -75,7 +79,7 @@ def sampling_scheduler(schedule: NoiseSchedule, steps: int) -> tuple[Any, torch.
 
 @torch.inference_mode()
 def sample(backbone: Backbone, n: int, steps: int = 50, seed: int = 0, batch_size: int = 256,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, cache: DeepCache | None = None) -> torch.Tensor:
     """Draws ``n`` unconditional samples from ``backbone`` with a deterministic sampler.
 
     Args:
@@ -85,6 +89,8 @@ def sample(backbone: Backbone, n: int, steps: int = 50, seed: int = 0, batch_siz
         seed: seed of the initial noise (drawn on the CPU, so the same on every device).
         batch_size: samples per forward.
         progress: show a progress bar.
+        cache: an optional :class:`~difffeat.cache.DeepCache`, attached to the backbone's U-Net for the run
+            and reset before each batch (interval 1 gives the uncached samples bit for bit).
 
     Returns:
         ``(n, C, H, W)`` float32 samples on the CPU, clamped to ``[-1, 1]``.
@@ -97,14 +103,17 @@ def sample(backbone: Backbone, n: int, steps: int = 50, seed: int = 0, batch_siz
     shape = (backbone.latent_channels, backbone.latent_size, backbone.latent_size)
     sampling_scheduler(backbone.schedule, steps)  # fails before any noise is drawn
     out = []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling"):
-        x = torch.randn((min(batch_size, n - start), *shape), generator=gen).to(param)
-        c = x.shape[1]
-        # a fresh scheduler per batch: the flow scheduler keeps a step index between calls
-        scheduler, model_timesteps, step_timesteps = sampling_scheduler(backbone.schedule, steps)
-        for t_model, t_step in zip(model_timesteps, step_timesteps, strict=True):
-            t = torch.full((len(x),), t_model.item(), device=x.device, dtype=model_timesteps.dtype)
-            pred = backbone(x, t)[:, :c]  # a DiT that also predicts its variance: the mean channels
-            x = scheduler.step(pred, t_step, x).prev_sample
-        out.append(x.clamp(-1, 1).float().cpu())
+    with cache.attach(backbone) if cache is not None else nullcontext():
+        for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling"):
+            x = torch.randn((min(batch_size, n - start), *shape), generator=gen).to(param)
+            c = x.shape[1]
+            if cache is not None:
+                cache.reset(steps)  # one trajectory per batch: no features of the last batch
+            # a fresh scheduler per batch: the flow scheduler keeps a step index between calls
+            scheduler, model_timesteps, step_timesteps = sampling_scheduler(backbone.schedule, steps)
+            for t_model, t_step in zip(model_timesteps, step_timesteps, strict=True):
+                t = torch.full((len(x),), t_model.item(), device=x.device, dtype=model_timesteps.dtype)
+                pred = backbone(x, t)[:, :c]  # a DiT that also predicts its variance: the mean channels
+                x = scheduler.step(pred, t_step, x).prev_sample
+            out.append(x.clamp(-1, 1).float().cpu())
     return torch.cat(out)
