@@ -1,0 +1,188 @@
+"""One-pass synthesis: the img2img scheduler, a valid and seeded COCO folder, resume after kill -9, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from difffeat.data.coco import ANNOTATIONS, IMAGES, CocoError, export_scenes, load_coco
+from difffeat.synthesize import PARTS, SETTINGS, SynthesisError, img2img_scheduler, synthesize
+
+ROOT = Path(__file__).parents[1]
+# builds the tiny adapter the same way in this process and in the one that is killed
+BUILD = '''
+import sys
+import torch
+
+def build(unet_dir):
+    from diffusers import UNet2DModel
+    from heads.detection import DetectionAdapter
+
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                norm_num_groups=4).save_pretrained(unet_dir)
+    torch.manual_seed(0)
+    return DetectionAdapter(unet_dir, ["mid_block", "up_blocks.0", "up_blocks.1"], 20, ["digit0", "circle"],
+                            output_strides=[4, 8, 16], width=16, num_queries=6).eval()
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    from difffeat.synthesize import synthesize
+
+    synthesize(build(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), steps=int(sys.argv[5]),
+               score_threshold=0.0, progress=False)
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("synth")
+    script = tmp / "build.py"
+    script.write_text(BUILD)
+    adapter = runpy.run_path(str(script), run_name="lib")["build"](str(tmp / "unet"))
+    seeds = export_scenes(tmp / "seeds", 3, size=32, seed=1, classes=[0, 1], progress=False)
+    return {"tmp": tmp, "script": script, "adapter": adapter, "seeds": seeds}
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / IMAGES).iterdir())} | {
+        ANNOTATIONS: (folder / ANNOTATIONS).read_bytes()}
+
+
+def test_img2img_scheduler_recovers_x0_with_the_true_noise(setup) -> None:
+    schedule = setup["adapter"].backbone.schedule
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    eps = torch.randn(1, 3, 8, 8)
+    scheduler, model_t, step_t = img2img_scheduler(schedule, 600, 20, 7)
+    assert model_t[0] == 600 and model_t[-1] == 20 and len(step_t) == 7
+    x = scheduler.add_noise(x0, eps, torch.tensor([6]))
+    a = schedule.alphas_cumprod[600]
+    assert torch.allclose(x, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-5)
+    for ts in step_t:
+        x = scheduler.step(eps, ts, x).prev_sample
+    assert torch.allclose(x, x0, atol=1e-4)
+    with pytest.raises(SynthesisError, match="cannot place"):
+        img2img_scheduler(schedule, 10, 20, 3)
+
+
+def test_seeded_valid_dataset(setup) -> None:
+    tmp, adapter, seeds = setup["tmp"], setup["adapter"], setup["seeds"]
+    a = synthesize(adapter, seeds, tmp / "a", 3, steps=4, score_threshold=0.0, seed=5, progress=False)
+    b = synthesize(adapter, seeds, tmp / "b", 3, steps=4, score_threshold=0.0, seed=5, progress=False)
+    synthesize(adapter, seeds, tmp / "c", 3, steps=4, score_threshold=0.0, seed=6, progress=False)
+    data = load_coco(tmp / "a")
+    assert data["categories"] == load_coco(seeds)["categories"]
+    assert len(data["images"]) == 3 and a["boxes"] == len(data["annotations"]) > 0
+    for ann in data["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert w >= 1 and h >= 1 and x >= 0 and y >= 0 and x + w <= 32 and y + h <= 32
+        assert ann["area"] == pytest.approx(w * h, rel=1e-5)
+    assert all(0.4 <= im["strength"] <= 0.8 for im in data["images"])
+    assert _folder_bytes(tmp / "a") == _folder_bytes(tmp / "b")
+    assert _folder_bytes(tmp / "a") != _folder_bytes(tmp / "c")
+    assert a["images_per_s"] > 0 and b["new_images"] == 3
+    again = synthesize(adapter, seeds, tmp / "a", 3, steps=4, score_threshold=0.0, seed=5, progress=False)
+    assert again["new_images"] == 0 and _folder_bytes(tmp / "a") == _folder_bytes(tmp / "b")
+
+
+def test_resume_after_kill(setup) -> None:
+    tmp, seeds = setup["tmp"], setup["seeds"]
+    out, n, steps = tmp / "killed", 8, 40
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(setup["script"]), str(tmp / "unet2"), str(seeds), str(out), str(n),
+                             str(steps)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / PARTS).is_dir() and len(list((out / PARTS).glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    parts = {p.stem for p in (out / PARTS).glob("*.json")}
+    assert 2 <= len(parts) < n and not (out / ANNOTATIONS).exists()
+    assert parts <= {p.stem for p in (out / IMAGES).glob("*.png")}  # a finished part always has its image
+    adapter = setup["adapter"]
+    resumed = synthesize(adapter, seeds, out, n, steps=steps, score_threshold=0.0, progress=False)
+    assert resumed["new_images"] == n - len(parts)
+    whole = synthesize(adapter, seeds, tmp / "whole", n, steps=steps, score_threshold=0.0, progress=False)
+    assert whole["new_images"] == n
+    assert _folder_bytes(out) == _folder_bytes(tmp / "whole")
+
+
+def test_bad_inputs(setup, tmp_path) -> None:
+    adapter, seeds = setup["adapter"], setup["seeds"]
+    out = tmp_path / "run"
+    synthesize(adapter, seeds, out, 1, steps=2, score_threshold=0.5, progress=False)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SynthesisError, match="other settings .*score_threshold"):
+        synthesize(adapter, seeds, out, 1, steps=2, score_threshold=0.3, progress=False)
+    with pytest.raises(SynthesisError, match="num_images"):
+        synthesize(adapter, seeds, out, 2, steps=2, score_threshold=0.5, progress=False)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    with pytest.raises(SynthesisError, match="not a synthesis run"):
+        synthesize(adapter, seeds, foreign, 1, steps=2, progress=False)
+    for kwargs, message in [({"strength": (0.8, 0.4)}, "strength"), ({"strength": (0.4, 1.5)}, "strength"),
+                            ({"score_threshold": 1.0}, "score_threshold"), ({"steps": 0}, "steps")]:
+        with pytest.raises(SynthesisError, match=message):
+            synthesize(adapter, seeds, tmp_path / "x", 1, progress=False, **kwargs)
+    other = export_scenes(tmp_path / "other", 2, size=32, classes=[0, 3], progress=False)  # digit0, square
+    with pytest.raises(SynthesisError, match=r"\['circle'\] are not in the seed set"):
+        synthesize(adapter, other, tmp_path / "y", 1, progress=False)
+    empty = tmp_path / "empty"
+    (empty / IMAGES).mkdir(parents=True)
+    (empty / ANNOTATIONS).write_text(json.dumps({"info": {}, "images": [], "annotations": [],
+                                                 "categories": [{"id": 1, "name": "digit0"}]}))
+    with pytest.raises(CocoError, match="lists no images"):
+        synthesize(adapter, empty, tmp_path / "z", 1, progress=False)
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+
+
+class _RecordingCache:
+    """Stands in for a feature cache: records the calls synthesis makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def spec(self) -> dict:
+        return {"kind": "recording"}
+
+    def reset(self) -> None:
+        self.calls.append("reset")
+
+    def attach(self, unet):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def attached():
+            handle = unet.register_forward_hook(lambda *_: self.calls.append("forward"))
+            self.calls.append("attach")
+            try:
+                yield
+            finally:
+                handle.remove()
+                self.calls.append("detach")
+
+        return attached()
+
+
+def test_cache_plugs_in(setup, tmp_path) -> None:
+    cache = _RecordingCache()
+    synthesize(setup["adapter"], setup["seeds"], tmp_path / "cached", 2, steps=4, cache=cache, progress=False)
+    assert cache.calls[0] == "reset" and cache.calls.count("reset") == 2 and cache.calls.count("attach") == 2
+    assert cache.calls.count("forward") >= 2 and cache.calls[-1] == "detach"
+    settings = json.loads((tmp_path / "cached" / SETTINGS).read_text())
+    assert settings["cache"] == {"kind": "recording"}
