@@ -607,9 +607,9 @@ def simulate_scan(hu: np.ndarray, protocol: Protocol, rng: np.random.Generator |
     mu = np.clip(MU_WATER * (1 + hu.astype(np.float64) / 1000), 0, None)
     if protocol.blur > 0:
         mu = ndimage.gaussian_filter(mu, protocol.blur)
-    c = (n - 1) / 2  # radon(circle=True) needs zeros outside the inscribed circle (blur may spill a trace there)
+    c = n // 2  # radon(circle=True) needs zeros outside its inscribed circle (blur may spill a trace there)
     yy, xx = np.mgrid[:n, :n]
-    mu[(yy - c) ** 2 + (xx - c) ** 2 > (n / 2) ** 2] = 0
+    mu[(yy - c) ** 2 + (xx - c) ** 2 > c ** 2] = 0
     theta = np.linspace(0.0, 180.0, protocol.views or n, endpoint=False)
     sino = radon(mu, theta, circle=True) * pixel_mm  # line integrals (dimensionless)
     if protocol.photons is not None:
