@@ -289,15 +289,18 @@ class DeepCache:
             given, a call past the last step without a reset is refused.
         center: ``"quadratic"`` only: the step the full steps crowd around (default ``steps // 2``).
         power: ``"quadratic"`` only: the starting exponent (default 1.4).
+        last_full: also run the last step of each trajectory in full (needs ``steps``, here or in
+            :meth:`reset`), so features read from it (a detection adapter's) are that step's own and not
+            the cached ones of an earlier step. Not in the paper: difffeat's option for feature readers.
 
     Raises:
         ValueError: ``interval < 1`` or not an integer, a negative or non-integer ``branch``, options given to
-            ``"uniform"``, or ``"quadratic"`` without ``steps``.
+            ``"uniform"``, or ``"quadratic"`` / ``last_full`` without ``steps``.
         KeyError: an unknown schedule, listing the valid ones.
     """
 
     def __init__(self, interval: int = 3, branch: int = 0, schedule: str = "uniform", steps: int | None = None,
-                 center: int | None = None, power: float | None = None) -> None:
+                 center: int | None = None, power: float | None = None, last_full: bool = False) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = no caching), got {interval!r}")
         if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
@@ -307,7 +310,7 @@ class DeepCache:
         self.options = {k: v for k, v in (("center", center), ("power", power)) if v is not None}
         if schedule == "uniform" and self.options:
             raise ValueError(f"center and power belong to the 'quadratic' schedule, not {schedule!r}")
-        self.interval, self.branch, self.schedule = interval, branch, schedule
+        self.interval, self.branch, self.schedule, self.last_full = interval, branch, schedule, bool(last_full)
         self._unet: nn.Module | None = None
         self._outputs: dict[str, Any] = {}
         self.steps: int | None = None
@@ -318,12 +321,14 @@ class DeepCache:
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v}" for k, v in self.options.items())
+        last = ", last_full=True" if self.last_full else ""
         return (f"DeepCache(interval={self.interval}, branch={self.branch}, schedule={self.schedule!r}, "
-                f"steps={self.steps}{options})")
+                f"steps={self.steps}{options}{last})")
 
     def config(self) -> dict[str, Any]:
         """The settings, for store keys and reports."""
-        return {"interval": self.interval, "branch": self.branch, "schedule": self.schedule, **self.options}
+        return {"interval": self.interval, "branch": self.branch, "schedule": self.schedule, **self.options,
+                **({"last_full": True} if self.last_full else {})}
 
     def reset(self, steps: int | None = None) -> None:
         """Forgets the cached features and restarts the step count: call it before each image (or batch).
@@ -342,8 +347,9 @@ class DeepCache:
         if self.steps is None and self.schedule != "uniform":
             raise ValueError(f"the {self.schedule!r} schedule places its full steps over the whole trajectory: "
                              f"give steps= to DeepCache or to reset()")
-        self._full = (None if self.steps is None
-                      else set(SCHEDULES[self.schedule](self.steps, self.interval, **self.options)))
+        if self.steps is None and self.last_full:
+            raise ValueError("last_full needs to know the last step: give steps= to DeepCache or to reset()")
+        self._full = None if self.steps is None else set(self.full_steps())
         self._outputs.clear()
         self._step = 0
         self._last_timestep: float | None = None
@@ -357,7 +363,8 @@ class DeepCache:
         steps = self.steps if steps is None else steps
         if steps is None:
             raise ValueError("give the number of steps")
-        return SCHEDULES[self.schedule](steps, self.interval, **self.options)
+        full = SCHEDULES[self.schedule](steps, self.interval, **self.options)
+        return sorted({*full, steps - 1}) if self.last_full else full
 
     def _is_full(self, step: int) -> bool:
         return step % self.interval == 0 if self._full is None else step in self._full

@@ -173,6 +173,19 @@ def test_the_quadratic_schedule_runs_its_full_steps(backbone) -> None:
     assert cache.stats["full"] == len(cache.full_steps()) == 3
 
 
+def test_last_full_runs_the_last_step_in_full(backbone) -> None:
+    x = _noise(backbone)
+    cache = DeepCache(3, steps=5, last_full=True)
+    assert cache.full_steps() == [0, 3, 4]
+    with cache.attach(backbone):
+        _denoise(backbone, x, 5, cache)
+        assert cache.stats == {"full": 3, "cached": 2}
+        cache.reset(7)  # another trajectory length: its own last step
+        assert cache.full_steps() == [0, 3, 6]
+    with pytest.raises(ValueError, match="last_full needs to know the last step"):
+        DeepCache(3, last_full=True)
+
+
 def test_bad_settings_fail_clearly(backbone) -> None:
     for interval in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="interval must be an integer >= 1"):
