@@ -374,8 +374,11 @@ def figure(results: dict[str, list[Arm]], opts: argparse.Namespace) -> bytes:
         for j, arm in enumerate(arms):
             axi = fig.add_subplot(grid[1 + m, j])
             axi.imshow(((arm.images[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1))
-            axi.set_title(arm.name.split(" (")[0], fontsize=7)
-            axi.axis("off")
+            axi.set_title(arm.name, fontsize=7)
+            axi.set_xticks([])
+            axi.set_yticks([])
+            if j == 0:
+                axi.set_ylabel(f"{mode}\nimage 0", fontsize=8)
     fig.suptitle(f"DeepCache (branch {opts.branch}, {opts.schedule}) vs fewer steps, {opts.steps} DDIM steps")
     fig.tight_layout()
     buf = io.BytesIO()
