@@ -12,8 +12,8 @@ has one) and one per downsampler, in execution order; the up-path resnet that co
 consumer (:func:`skip_connections` lists them). ``branch=b`` keeps ``0 … b`` live. ``branch=0`` is
 DeepCache's Stable-Diffusion setting (``cache_branch_id=0``: only ``conv_in``, the last up-path
 resnet and ``conv_out`` run on a cached step); the largest branch skips only the mid block. The paper's
-pixel-space DDPM code counts from ``conv_in``'s first down-path layer instead: its ``branch=2`` is
-``branch=3`` here.
+pixel-space DDPM code numbers one skip deeper (its ``branch=b`` keeps skips ``0 … b+1`` live): its
+``branch=2`` is ``branch=3`` here.
 
 **Hooks, not a copied forward.** PyTorch's forward hooks cannot skip a module's computation, so the
 deep modules are wrapped with diffusers' own removable hook mechanism
@@ -29,6 +29,9 @@ step (classifier-free guidance as one batched call), ``reset()`` between images 
 whose timestep is *larger* than the previous one starts a new trajectory; without a reset in between it
 is refused, as is a cached step whose input shape differs from the full step's. A full step that did not
 finish (a tap stopped the forward early) leaves the cache incomplete; the next step then runs in full.
+Forwards that are not denoising steps (a probe, features at another timestep) go inside
+:meth:`DeepCache.bypass`. ``last_full=True`` runs the last step of every trajectory in full, for readers
+of its features.
 
 **Schedules** (:data:`SCHEDULES`). ``"uniform"``: full steps ``0, N, 2N, …`` (the paper's 1:N).
 ``"quadratic"``: the paper's non-uniform 1:N, ``ceil(steps / N)`` full steps packed around a
@@ -48,8 +51,8 @@ from torch import nn
 
 from difffeat.backbones.base import Backbone
 
-__all__ = ["SCHEDULES", "DeepCache", "SkipConnection", "quadratic_full_steps", "skip_connections",
-           "uniform_full_steps"]
+__all__ = ["SCHEDULES", "DeepCache", "SkipConnection", "cached_modules", "quadratic_full_steps",
+           "skip_connections", "uniform_full_steps"]
 
 #: the name of difffeat's hooks in a module's diffusers hook registry
 HOOK_NAME = "difffeat_deepcache"
