@@ -38,7 +38,8 @@ Simulated scanners (the embedded default; the paper used patient scans of severa
   filtered back-projection (``iradon``) with the protocol's filter (ramp, shepp-logan, cosine, hamming,
   hann), back to HU. :data:`STANDARD` (hamming, 10⁶ photons, slice blur σ 0.6 px) is the standard;
   :data:`TRAIN_PROTOCOLS` are the non-standard ones seen in training (sharp ramp kernels, low doses, soft
-  hann with heavy blur), :data:`HELD_OUT_PROTOCOL` (cosine, 3·10⁴ photons, σ 0.9 px) is used in testing only.
+  hann with heavy blur); :data:`HELD_OUT_PROTOCOL` (cosine, 10⁴ photons, no blur: a filter never seen in
+  training and a dose below the training range) is used in testing only.
 * **Pairs** (:class:`SimulatedScanners`): item ``i`` is phantom ``i // P`` under protocol ``i % P`` paired
   with the same phantom under the standard protocol. Splits draw different phantoms (seeds 0 / 1 / 2 for
   train / val / test, :data:`SPLIT_SEEDS`); the test split also holds the real slice, and its protocols are
@@ -584,7 +585,7 @@ TRAIN_PROTOCOLS = (
     Protocol("shepp-logan-lowdose", "shepp-logan", 2e4, 0.0),
     Protocol("smooth-thick", "hann", 5e4, 1.3),
 )
-HELD_OUT_PROTOCOL = Protocol("cosine-heldout", "cosine", 3e4, 0.9)
+HELD_OUT_PROTOCOL = Protocol("cosine-lowdose-heldout", "cosine", 1e4, 0.0)
 
 
 def simulate_scan(hu: np.ndarray, protocol: Protocol, rng: np.random.Generator | None = None) -> np.ndarray:
