@@ -97,7 +97,7 @@ def test_seeded_valid_dataset(setup) -> None:
 
 def test_resume_after_kill(setup) -> None:
     tmp, seeds = setup["tmp"], setup["seeds"]
-    out, n, steps = tmp / "killed", 8, 40
+    out, n, steps = tmp / "killed", 6, 30
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(setup["script"]), str(tmp / "unet2"), str(seeds), str(out), str(n),
                              str(steps)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
@@ -186,3 +186,23 @@ def test_cache_plugs_in(setup, tmp_path) -> None:
     assert cache.calls.count("forward") >= 2 and cache.calls[-1] == "detach"
     settings = json.loads((tmp_path / "cached" / SETTINGS).read_text())
     assert settings["cache"] == {"kind": "recording"}
+
+
+def test_synthesize_from_a_lightning_checkpoint(setup, tmp_path) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from difffeat.data.coco import CocoDetection, collate_detection
+    from heads.detection import synthesize_from_checkpoint
+
+    adapter = runpy.run_path(str(setup["script"]), run_name="lib")["build"](str(tmp_path / "unet"))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(adapter.train(), DataLoader(CocoDetection(setup["seeds"]), batch_size=2, collate_fn=collate_detection))
+    trainer.save_checkpoint(tmp_path / "adapter.ckpt")
+    loaded = synthesize_from_checkpoint(tmp_path / "adapter.ckpt", setup["seeds"], tmp_path / "loaded", 2, steps=3,
+                                        score_threshold=0.0, progress=False)
+    direct = synthesize(adapter.eval(), setup["seeds"], tmp_path / "direct", 2, steps=3, score_threshold=0.0,
+                        progress=False)
+    assert loaded["boxes"] == direct["boxes"] > 0
+    assert _folder_bytes(tmp_path / "loaded") == _folder_bytes(tmp_path / "direct")
