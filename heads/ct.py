@@ -171,9 +171,10 @@ class LatentDDPM(nn.Module):
     def loss(self, target: torch.Tensor, source: torch.Tensor, generator: torch.Generator | None = None
              ) -> torch.Tensor:
         """The DDPM loss (MSE on the scheduler's prediction type) of mapping ``source`` latents to ``target``."""
-        noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (target.shape[0],), generator=generator,
-                          device=target.device)
+        # drawn on the CPU generator, then moved: the same draws on every device
+        noise = torch.randn(target.shape, generator=generator).to(target)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (target.shape[0],),
+                          generator=generator).to(target.device)
         noisy = self.scheduler.add_noise(target, noise, t)
         out = self.unet(torch.cat([noisy, source], 1), t).sample
         kind = self.scheduler.config.prediction_type

@@ -12,7 +12,8 @@ Readers (every bad input is a :class:`CTFileError` naming the file):
 * :func:`read_ct_image` — a DICOM, ``.npy`` (float HU, 2-D) or ``.png`` file. A 16-bit PNG stores
   ``HU + 1024`` (the usual CT storage offset, so air at -1024 HU is 0); an 8-bit PNG has lost its HU and
   needs the display window it was saved with (``png_window=(level, width)``), else it is refused.
-* :func:`window` — a display window ``(level, width)`` to ``[0, 1]``; :data:`WINDOWS` names the usual ones.
+* :func:`window` — a display window ``(level, width)`` to ``[0, 1]``; :data:`WINDOWS` names the usual ones and
+  :func:`header_window` reads the one a DICOM header recommends (``WindowCenter`` / ``WindowWidth``).
 * :func:`normalize_hu` / :func:`denormalize_hu` — the models' HU-aware normalisation: HU clipped to
   :data:`HU_RANGE` ``(-1024, 1024)`` and mapped linearly to ``[-1, 1]``. The range covers air to dense bone
   (cortical bone and metal above +1024 saturate: none of the texture features looks there), and keeps
@@ -86,6 +87,7 @@ __all__ = [
     "Protocol",
     "SimulatedScanners",
     "denormalize_hu",
+    "header_window",
     "make_phantom",
     "normalize_hu",
     "read_ct_image",
@@ -286,15 +288,37 @@ def read_ct_image(path: str | Path, png_window: Sequence[float] | None = None) -
     return read_dicom(path)
 
 
-def _slice_key(s: CTSlice) -> tuple[int, float]:
-    h = s.header
-    pos, ori = h.get("ImagePositionPatient"), h.get("ImageOrientationPatient")
-    if pos is not None and ori is not None and len(pos) == 3 and len(ori) == 6:
-        normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
-        return 0, float(np.dot(normal, np.asarray(pos, float)))
-    if h.get("InstanceNumber") is not None:
-        return 1, float(h.InstanceNumber)
-    return 2, 0.0
+def _position(s: CTSlice) -> float | None:
+    """The slice's position along its normal, from ImagePositionPatient and ImageOrientationPatient."""
+    pos, ori = s.header.get("ImagePositionPatient"), s.header.get("ImageOrientationPatient")
+    if pos is None or ori is None or len(pos) != 3 or len(ori) != 6:
+        return None
+    normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
+    return float(np.dot(normal, np.asarray(pos, float)))
+
+
+def _order(slices: list[CTSlice]) -> list[CTSlice]:
+    """Slices by position when every one has it, else by InstanceNumber when every one has it, else by name."""
+    positions = [_position(s) for s in slices]
+    if all(p is not None for p in positions):
+        keys = positions
+    elif all(s.header.get("InstanceNumber") is not None for s in slices):
+        keys = [float(s.header.InstanceNumber) for s in slices]
+    else:
+        return sorted(slices, key=lambda s: s.path.name)
+    return [s for _, _, s in sorted(zip(keys, [s.path.name for s in slices], slices, strict=True),
+                                    key=lambda k: (k[0], k[1]))]
+
+
+def header_window(header: Any) -> tuple[float, float] | None:
+    """The display window ``(level, width)`` a DICOM header recommends (its first one), or ``None``."""
+    centre, width = header.get("WindowCenter"), header.get("WindowWidth")
+    if centre is None or width is None:
+        return None
+    def first(v: Any) -> float:  # a multi-valued tag: its first window
+        return float(v[0]) if isinstance(v, Sequence) and not isinstance(v, str) else float(v)
+
+    return first(centre), first(width)
 
 
 def read_series(folder: str | Path) -> list[CTSlice]:
@@ -333,11 +357,7 @@ def read_series(folder: str | Path) -> list[CTSlice]:
     if len(series) > 1:
         raise CTFileError(f"DICOM folder {folder} holds {len(series)} series ({', '.join(map(str, series))}); "
                           f"put one series per folder")
-    keys = [_slice_key(s) for s in slices]
-    kind = max(k for k, _ in keys)
-    if kind < 2:
-        return [s for _, s in sorted(zip(keys, slices, strict=True), key=lambda ks: (ks[0][1], ks[1].path.name))]
-    return slices
+    return _order(slices)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -22,6 +22,7 @@ from difffeat.data.ct import (
     Protocol,
     SimulatedScanners,
     denormalize_hu,
+    header_window,
     make_phantom,
     normalize_hu,
     read_ct_image,
@@ -118,6 +119,12 @@ def test_series_order_and_mixed_sizes(tmp_path: Path) -> None:
     assert order == ["f1.dcm", "f2.dcm", "f0.dcm"]
     _series(tmp_path / "inst", [0, 0, 0], instance=[3, 1, 2], positions=False)
     assert [s.path.name for s in read_series(tmp_path / "inst")] == ["f1.dcm", "f2.dcm", "f0.dcm"]
+    # one slice without a position: the whole series falls back to InstanceNumber (never a mix of the two)
+    _series(tmp_path / "mixed", [9.0, 1.0, 5.0], instance=[1, 2, 3])
+    ds = pydicom.dcmread(tmp_path / "mixed" / "f1.dcm")
+    del ds.ImagePositionPatient
+    ds.save_as(tmp_path / "mixed" / "f1.dcm")
+    assert [s.path.name for s in read_series(tmp_path / "mixed")] == ["f0.dcm", "f1.dcm", "f2.dcm"]
     ds = _ct()
     ds.Rows, ds.Columns = 64, 256
     ds.save_as(tmp_path / "pos" / "odd.dcm")
@@ -163,6 +170,10 @@ def test_hu_helpers() -> None:
     np.testing.assert_allclose(denormalize_hu(torch.tensor(x)).numpy(), [-1024, -1024, 0, 1024, 1024])
     np.testing.assert_allclose(window(np.array([-160.0, 40.0, 240.0]), 40, 400), [0, 0.5, 1])
     assert tissue_labels(np.array([-1000, -850, -100, 40, 700])).tolist() == [0, 1, 2, 3, 4]
+    ds = _ct()
+    assert header_window(ds) is None
+    ds.WindowCenter, ds.WindowWidth = [40, -600], [400, 1500]
+    assert header_window(ds) == (40.0, 400.0)
 
 
 def test_simulation_physics() -> None:
