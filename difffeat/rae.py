@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from difffeat.digest import tensor_digest
 from difffeat.store import atomic_write
+from difffeat.train import LAYOUT, DiffusionModule, _swap_in, save_pipeline
 
 __all__ = [
     "BASE_DIM",
@@ -70,11 +71,15 @@ __all__ = [
     "RAE",
     "LatentStats",
     "RAEDecoderModule",
+    "RAEDiffusionModule",
     "RAELatentDataModule",
     "ReconstructionLoss",
     "TimmAutoencoderRAE",
+    "build_digits_rae",
     "digits_autoencoder",
     "load_autoencoder",
+    "load_rae",
+    "noisy_latents",
     "pretrain_mae_encoder",
     "sample_latents",
     "save_rae_pipeline",
@@ -93,6 +98,8 @@ NORM_MODES = ("element", "channel")
 _STD_EPS = 1e-5
 #: autoencoder classes a folder may name in ``config.json``
 _AUTOENCODERS: dict[str, type[ModelMixin]] = {}
+# DiT^DH pipelines are written in save_pipeline's layout (component "transformer")
+LAYOUT.setdefault("DiTDHTransformer2DModel", ("transformer", "DiffusionPipeline"))
 
 
 # ----------------------------------------------------------------------------- dimension-dependent shift
@@ -562,8 +569,6 @@ class RAE(nn.Module):
         The folder holds the autoencoder (diffusers ``save_pretrained``), ``difffeat_rae.json`` and
         ``latent_stats.safetensors``.
         """
-        from difffeat.train import _swap_in
-
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.export-"))
@@ -597,14 +602,16 @@ class RAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the digits default
-def digits_autoencoder(hidden_size: int = 128, patch_size: int = 2, num_layers: int = 4, image_size: int = 16,
+def digits_autoencoder(hidden_size: int = 128, patch_size: int = 2, num_layers: int = 2, image_size: int = 16,
                        decoder_hidden_size: int = 128, decoder_layers: int = 2, decoder_heads: int = 4,
                        seed: int = 0) -> AutoencoderRAE:
     """A small MAE-config ``AutoencoderRAE`` for 16×16 digits (random encoder; see :func:`pretrain_mae_encoder`).
 
-    Defaults: width 128 (2 heads of 64, ``AutoencoderRAE``'s fixed head size), patch 2, 4 layers, so the
-    latent is ``128 × 8 × 8`` (``m = 8192``, shift ``α = √2`` at ``n = 4096``). Inputs are normalised
-    with mean = std = 0.5, so the encoder sees the digits in ``[-1, 1]``.
+    Defaults: width 128 (2 heads of 64, ``AutoencoderRAE``'s fixed head size), patch 2, 2 layers, so the
+    latent is ``128 × 8 × 8`` (``m = 8192``, shift ``α = √2`` at ``n = 4096``, more noise as in the paper's
+    high-dimensional latents; width 64 would give ``m = n`` and no shift). ``AutoencoderRAE`` fixes the
+    encoder MLP at transformers' default 3072, which dominates the CPU cost: hence only 2 layers. Inputs
+    are normalised with mean = std = 0.5, so the encoder sees the digits in ``[-1, 1]``.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -720,13 +727,21 @@ class ReconstructionLoss(nn.Module):
         return (F.relu(1 - self.discriminator(real)).mean() + F.relu(1 + self.discriminator(fake.detach())).mean())
 
 
+def noisy_latents(raw: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``raw + σ·ε`` with ``σ = τ·U(0, 1)`` per sample: the noise ``AutoencoderRAE`` adds in training mode."""
+    sigma = tau * torch.rand((raw.shape[0],) + (1,) * (raw.ndim - 1), generator=generator, dtype=raw.dtype)
+    return raw + sigma * torch.randn(raw.shape, generator=generator, dtype=raw.dtype)
+
+
 def train_decoder(rae: RAE, images: torch.Tensor, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3,
                   noise_tau: float = 0.8, seed: int = 0, loss: ReconstructionLoss | None = None,
                   progress: bool = False) -> list[float]:
-    """Trains the RAE's decoder (encoder frozen) with noise-augmented latents, in place.
+    """Trains the RAE's decoder (encoder frozen) on noise-augmented latents, in place.
 
-    AdamW with a cosine decay to 0; the noise ``σ = τ·U(0, 1)`` per sample is the autoencoder's own (its
-    training mode), seeded through a generator; afterwards the RAE is in eval mode.
+    The frozen encoder is deterministic, so it runs once over ``images`` (eval mode) and each step adds
+    the augmentation ``σ·ε``, ``σ = τ·U(0, 1)`` per sample, to the cached raw tokens before normalisation,
+    which is what the autoencoder's training mode does at every step (:func:`noisy_latents`), at a fraction
+    of the CPU cost. AdamW with a cosine decay to 0; afterwards the RAE is in eval mode.
 
     Args:
         rae: the RAE (its encoder stays frozen).
@@ -744,8 +759,8 @@ def train_decoder(rae: RAE, images: torch.Tensor, steps: int = 1000, batch_size:
     """
     loss = loss or ReconstructionLoss()
     rae.set_noise_tau(noise_tau)
-    params = list(rae.autoencoder.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    raw = rae.raw_latents(images)
+    opt = torch.optim.AdamW(rae.autoencoder.decoder.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     d_opt = (torch.optim.AdamW(loss.discriminator.parameters(), lr=lr) if loss.discriminator is not None else None)
     gen = torch.Generator().manual_seed(seed)
@@ -753,8 +768,9 @@ def train_decoder(rae: RAE, images: torch.Tensor, steps: int = 1000, batch_size:
     losses = []
     try:
         for _ in tqdm(range(steps), disable=not progress, desc="decoder"):
-            x = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
-            recon = rae(x, generator=gen)
+            idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+            x = images[idx]
+            recon = rae.decode(rae.normalize(noisy_latents(raw[idx], noise_tau, gen)))
             terms = loss(recon, x)
             opt.zero_grad()
             terms["loss"].backward()
@@ -774,19 +790,18 @@ class RAEDecoderModule(L.LightningModule):
     """Trains a RAE decoder with Lightning (``difffeat fit``); the same step as :func:`train_decoder`.
 
     Args:
-        rae: a RAE folder to start from; ``None`` builds :func:`digits_autoencoder` (random encoder: give
-            a folder with a trained one for real use).
+        checkpoint: a RAE folder to start from (its encoder trained, e.g. by :func:`build_digits_rae`);
+            ``None`` is :func:`load_rae`'s random-encoder stand-in of the same shape (for tests).
         noise_tau: ``τ`` of the noise augmentation.
         lr: AdamW learning rate.
         export_dir: where the RAE is saved when training ends.
-        image_channels: channels of the training images (with ``rae=None``).
     """
 
-    def __init__(self, rae: str | None = None, noise_tau: float = 0.8, lr: float = 1e-3,
-                 export_dir: str | None = None, image_channels: int = 1) -> None:
+    def __init__(self, checkpoint: str | None = None, noise_tau: float = 0.8, lr: float = 1e-3,
+                 export_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.rae = RAE.from_pretrained(rae) if rae else RAE(digits_autoencoder(), image_channels)
+        self.rae = load_rae(checkpoint)
         self.rae.set_noise_tau(noise_tau)
         self.loss = ReconstructionLoss()
         self.lr, self.export_dir = lr, export_dir
@@ -819,15 +834,15 @@ class RAELatentDataModule(L.LightningDataModule):
     The latents are the eval-mode encoder's (no noise augmentation) after the RAE's normalisation.
 
     Args:
-        rae: the RAE folder.
+        checkpoint: the RAE folder (``None``: :func:`load_rae`'s stand-in).
         size: digit image size.
         batch_size: latents per batch.
         seed: the digits split seed.
     """
 
-    def __init__(self, rae: str, size: int = 16, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, checkpoint: str | None = None, size: int = 16, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__()
-        self.rae_dir, self.size, self.batch_size, self.seed = rae, size, batch_size, seed
+        self.rae_dir, self.size, self.batch_size, self.seed = checkpoint, size, batch_size, seed
         self._latents: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -835,7 +850,7 @@ class RAELatentDataModule(L.LightningDataModule):
         if self._latents is None:
             from difffeat.data import load_digits_split
 
-            rae = RAE.from_pretrained(self.rae_dir)
+            rae = load_rae(self.rae_dir)
             images = load_digits_split("train", self.size, self.seed)[0]
             self._latents = rae.normalize(rae.raw_latents(images))
 
@@ -857,8 +872,6 @@ def save_rae_pipeline(model: nn.Module, scheduler_config: dict[str, Any], rae: R
     The denoiser part is :func:`difffeat.train.save_pipeline`'s layout; ``model_index.json`` also names
     the ``rae`` component. ``create_backbone(folder)`` loads the whole pipeline.
     """
-    from difffeat.train import _swap_in, save_pipeline
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.export-"))
@@ -902,3 +915,82 @@ def sample_latents(backbone: nn.Module, n: int, steps: int = 25, seed: int = 0, 
             x = scheduler.step(backbone(x, t)[:, : shape[0]], t_step, x).prev_sample
         out.append(x.float().cpu())
     return torch.cat(out)
+
+
+class RAEDiffusionModule(DiffusionModule):
+    """:class:`~difffeat.train.DiffusionModule` for a denoiser of RAE latents (or of pixels, ``rae=None``).
+
+    Trains on the batches it is given (:class:`RAELatentDataModule` serves RAE latents) with the flow
+    objective; the scheduler's shift is the latent's dimension-dependent ``α`` unless ``scheduler``
+    overrides it, so training ``t`` and the sampling grid are shifted. The export is one folder with the
+    denoiser, its scheduler and the RAE (:func:`save_rae_pipeline`).
+
+    Args:
+        checkpoint: the RAE folder whose latents the denoiser models (``None``: :func:`load_rae`'s stand-in).
+        pixel_space: train on pixels instead (no RAE, no shift), for comparisons.
+        base_dim: ``n`` of the shift.
+        backbone: a registered denoiser (``dit-dh-digits``) or a folder.
+        scheduler: overrides of the shifted flow scheduler config.
+        objective: the training objective (``"flow"``).
+        **kwargs: the other :class:`~difffeat.train.DiffusionModule` arguments.
+    """
+
+    def __init__(self, checkpoint: str | None = None, pixel_space: bool = False, base_dim: int = BASE_DIM,
+                 backbone: str = "dit-dh-digits", scheduler: dict[str, Any] | None = None, objective: str = "flow",
+                 **kwargs: Any) -> None:
+        rae = None if pixel_space else load_rae(checkpoint)
+        if rae is not None:
+            scheduler = {**shifted_scheduler_config(rae.latent_shape, base_dim), **(scheduler or {})}
+        super().__init__(backbone=backbone, scheduler=scheduler, objective=objective, **kwargs)
+        self._rae = [rae]  # kept out of the module tree: not trained, not in checkpoints
+
+    def export(self, folder: str | Path) -> Path:
+        """Saves the EMA denoiser, its scheduler and the RAE as one pipeline folder, atomically."""
+        rae = self._rae[0]
+        return save_rae_pipeline(self.ema.model, self.scheduler_config, rae, folder,
+                                 extra={"hparams": dict(self.hparams), "global_step": self.global_step})
+
+
+def load_rae(checkpoint: str | Path | None = None) -> RAE:
+    """A RAE folder, or (``None``) a random-encoder stand-in of the digits default's shape.
+
+    The stand-in is :func:`digits_autoencoder` with seed 0 and latent statistics of the digits training
+    split: the same shapes as the trained default, so configs run under ``fast_dev_run`` without it.
+    """
+    if checkpoint is not None:
+        return RAE.from_pretrained(checkpoint)
+    from difffeat.data import load_digits_split
+
+    rae = RAE(digits_autoencoder(seed=0), image_channels=1)
+    rae.fit_latent_stats(load_digits_split("train")[0])
+    return rae.eval()
+
+
+def build_digits_rae(folder: str | Path, mae_steps: int = 1500, decoder_steps: int = 0, noise_tau: float = 0.8,
+                     norm_mode: str = "element", seed: int = 0, progress: bool = True, **kwargs: Any) -> RAE:
+    """The digits RAE: MAE-pretrained encoder, latent statistics, optionally a trained decoder; saved to ``folder``.
+
+    Args:
+        folder: destination (written atomically).
+        mae_steps: MAE pretraining steps on the digits training split (no labels).
+        decoder_steps: decoder training steps (0 leaves the decoder untrained, for :class:`RAEDecoderModule`).
+        noise_tau: ``τ`` of the decoder's noise augmentation.
+        norm_mode: ``"element"`` or ``"channel"`` latent statistics.
+        seed: seeds the encoder init, the MAE and the decoder training.
+        progress: show progress bars.
+        **kwargs: :func:`digits_autoencoder` sizes.
+
+    Returns:
+        The RAE (eval mode).
+    """
+    from difffeat.data import load_digits_split
+
+    images = load_digits_split("train")[0]
+    rae = RAE(digits_autoencoder(seed=seed, **kwargs), image_channels=1)
+    pretrain_mae_encoder(rae.autoencoder, images, steps=mae_steps, seed=seed, progress=progress)
+    rae.fit_latent_stats(images, mode=norm_mode)
+    rae.set_noise_tau(noise_tau)
+    if decoder_steps:
+        train_decoder(rae, images, steps=decoder_steps, noise_tau=noise_tau, seed=seed, progress=progress)
+    rae.save_pretrained(folder)
+    return rae.eval()

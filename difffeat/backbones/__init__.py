@@ -15,6 +15,7 @@ from difffeat.backbones.base import Backbone, FeatureInfo, check_images
 from difffeat.backbones.dit import DiTBackbone
 from difffeat.backbones.flux import FluxBackbone, flux_config
 from difffeat.backbones.pixart import PixArtBackbone, pixart_config
+from difffeat.backbones.rae import DiTDHBackbone, RAEEncoderBackbone
 from difffeat.backbones.registry import (
     create_backbone,
     list_backbones,
@@ -31,9 +32,11 @@ __all__ = [
     "DIGITS_UNET",
     "Backbone",
     "DiTBackbone",
+    "DiTDHBackbone",
     "FeatureInfo",
     "FluxBackbone",
     "PixArtBackbone",
+    "RAEEncoderBackbone",
     "SD3Backbone",
     "SDXLBackbone",
     "UNet2DBackbone",
