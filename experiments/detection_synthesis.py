@@ -73,7 +73,7 @@ def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path) ->
         raise ValueError(f"the adapter config's categories {init['categories']} differ from {real}'s "
                          f"{train.categories}")
     torch.manual_seed(args.seed)
-    adapter = DetectionAdapter(**init)
+    adapter = DetectionAdapter(**init).to(args.device)
     weights = work / "adapter" / "head.safetensors"
     info_path = work / "adapter" / "info.json"
     if weights.is_file() and info_path.is_file():
@@ -87,7 +87,7 @@ def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path) ->
     preds = []
     for i in range(0, len(test), 16):
         images = torch.stack([test[j]["image"] for j in range(i, min(i + 16, len(test)))])
-        preds += adapter.predict(images, score_threshold=0.0)
+        preds += [{k: v.cpu() for k, v in p.items()} for p in adapter.predict(images, score_threshold=0.0)]
     adapter._features = {}  # test features are not needed again
     scores = evaluate_map(preds, test)
     info = {"steps": args.adapter_steps, "seconds": seconds, "first_loss": float(np.mean(losses[:20])),
@@ -113,10 +113,10 @@ def _torchvision_run(train_roots: list[Path], test_root: Path, seed: int, args: 
     data, categories = coco_datasets(train_roots)
     model = build_detector("fcos", len(categories), 64, seed=seed)
     start = time.perf_counter()
-    losses = train_detector(model, data, steps=args.detector_steps, batch_size=8, seed=seed)
+    losses = train_detector(model, data, steps=args.detector_steps, batch_size=8, seed=seed, device=args.device)
     seconds = time.perf_counter() - start
     test = CocoDetection(test_root)
-    preds = detect(model, test)
+    preds = detect(model, test, device=args.device)
     result = {"seconds": seconds, "last_loss": float(np.mean(losses[-20:])), **evaluate_map(preds, test)}
     try:
         mm = coco_metric(test_root, preds)
@@ -244,11 +244,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of a full-strength pass")
     parser.add_argument("--adapter-steps", type=int, default=1500)
-    parser.add_argument("--detector-steps", type=int, default=1500)
+    parser.add_argument("--detector-steps", type=int, default=1000)
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="feature cache class path (e.g. difffeat.cache.X)")
     parser.add_argument("--cache-kwargs", default="{}", help="its constructor arguments as JSON")
+    parser.add_argument("--device", default="cpu", help="where the adapter, synthesis and torchvision detectors run")
     parser.add_argument("--no-mmdet", action="store_true", help="skip the mmdet rows")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--out", default=None, help="report path (default experiments/results/...)")

@@ -365,8 +365,8 @@ class DetectionAdapter(FrozenPartState, L.LightningModule):
                 for level in range(len(self.layers))]
 
     def forward(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per decoder layer ``(logits, boxes)`` for ``(B, 3, H, W)`` images in ``[-1, 1]``."""
-        return self.head(self._maps(images))
+        """Per decoder layer ``(logits, boxes)`` for ``(B, 3, H, W)`` images in ``[-1, 1]`` (moved to the module)."""
+        return self.head(self._maps(images.to(self.device)))
 
     def _decode(self, output: tuple[torch.Tensor, torch.Tensor], image_size: tuple[int, int],
                 score_threshold: float | None) -> list[dict[str, torch.Tensor]]:
