@@ -8,6 +8,8 @@
   registered names; with ``--model``, that backbone's tap table (name, kind, channels, stride or grid).
 * ``difffeat predict-masks --checkpoint X --images DIR --out DIR [--model_config Y.yaml]``: one 8-bit PNG mask per
   image of a folder from a trained DIS segmenter (:func:`heads.dis.predict_folder`, all or nothing).
+* ``difffeat standardize-ct --checkpoint EXPORT --input_dir DIR --output_dir DIR``: a folder of CT DICOM slices
+  (one series) to a new, standardized DICOM series (:func:`heads.ct.standardize_folder`, all or nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from difffeat.predict import ExtractionModule, extract_to_store
 
 __all__ = ["backbones", "dis_module_classes", "extract", "families_table", "main", "predict_masks", "probe",
-           "taps_table"]
+           "standardize_ct", "taps_table"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -196,12 +198,31 @@ def predict_masks(checkpoint: str, images: str, out: str, model_config: str | No
     print(f"wrote {len(written)} masks to {out}")
 
 
+def standardize_ct(checkpoint: str, input_dir: str, output_dir: str, size: int | None = None,
+                   overwrite: bool = False, description: str = "standardized (DiffusionCT)") -> None:
+    """Standardizes a folder of CT DICOM slices into a new DICOM series with a trained CT model.
+
+    Args:
+        checkpoint: the export folder of a CT model (``configs/ct_stage2.yaml``'s, or the U-Net baseline's).
+        input_dir: folder of DICOM slices of one series.
+        output_dir: folder to create (refused if it exists, unless ``overwrite``).
+        size: model side (default: the model's own).
+        overwrite: replace an existing ``output_dir``.
+        description: ``SeriesDescription`` of the new series.
+    """
+    from heads.ct import standardize_folder
+
+    written = standardize_folder(checkpoint, input_dir, output_dir, size=size, overwrite=overwrite,
+                                 description=description)
+    print(f"wrote {len(written)} standardized slices to {output_dir}")
+
+
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of the ``difffeat`` command (``args`` defaults to ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("extract", "probe", "backbones", "predict-masks"):
-        argv[0] = argv[0].replace("-", "_")  # the function predict_masks
-        return CLI([extract, probe, backbones, predict_masks], args=argv, as_positional=False)
+    if argv and argv[0] in ("extract", "probe", "backbones", "predict-masks", "standardize-ct"):
+        argv[0] = argv[0].replace("-", "_")  # the functions predict_masks, standardize_ct
+        return CLI([extract, probe, backbones, predict_masks, standardize_ct], args=argv, as_positional=False)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         if not argv:

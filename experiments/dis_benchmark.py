@@ -151,9 +151,14 @@ def _stamp(backbone: str | None) -> str:
 
 
 def cache_key(label: str, seed: int, backbone: str | None, args: argparse.Namespace) -> str:
-    """The cache key of one (method, seed): its config text, backbone, seed, settings and :data:`VERSION`."""
+    """The cache key of one (method, seed): its config text, backbone, seed, settings and :data:`VERSION`.
+
+    A method whose config has no ``backbone`` (the untrained-encoder SMP U-Net) does not depend on it.
+    """
     settings = {k: v for k, v in vars(args).items() if k not in _NOT_IN_KEY}
     config = (ROOT / METHODS[label][1]).read_text()
+    if "backbone" not in (yaml.safe_load(config)["model"].get("init_args") or {}):
+        backbone = None
     return hashlib.sha256(json.dumps([label, config, _stamp(backbone), seed, settings, VERSION],
                                      sort_keys=True).encode()).hexdigest()[:16]
 

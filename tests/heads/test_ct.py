@@ -147,6 +147,15 @@ def test_standardize_folder_writes_readable_dicom(stage2: Path, tmp_path: Path) 
         standardize_folder(stage2, tmp_path / "in", out)
 
 
+def test_standardize_ct_command(stage2: Path, tmp_path: Path, capsys) -> None:
+    _dicom_folder(tmp_path / "in")
+    main(["standardize-ct", "--checkpoint", str(stage2), "--input_dir", str(tmp_path / "in"), "--output_dir",
+          str(tmp_path / "out")])
+    assert "wrote 2 standardized slices" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s0.dcm", "s1.dcm"]
+    assert pydicom.dcmread(tmp_path / "out" / "s0.dcm").ImageType[0] == "DERIVED"
+
+
 def test_standardize_folder_bad_input_leaves_nothing(stage2: Path, tmp_path: Path) -> None:
     _dicom_folder(tmp_path / "in")
     mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
