@@ -130,6 +130,14 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _seed_digest(seeds: Path, seed_json: dict[str, Any]) -> str:
+    """The seed set's identity: its json and the bytes of every image it lists."""
+    h = hashlib.sha256(_digest(seed_json).encode())
+    for im in seed_json["images"]:
+        h.update(hashlib.sha256((seeds / IMAGES / im["file_name"]).read_bytes()).digest())
+    return h.hexdigest()
+
+
 def _image_seed(seed: int, i: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"synthesize:{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 1
 
@@ -250,7 +258,7 @@ def synthesize(predictor: BoxPredictor, seeds: str | Path, out: str | Path, num_
                                              else type(cache).__name__)
     settings = {"version": 1, "seed": seed, "num_images": num_images, "steps": steps,
                 "strength": [float(v) for v in strength], "score_threshold": float(score_threshold),
-                "predictor": _digest(predictor.spec()), "seeds": _digest(seed_json), "cache": cache_spec}
+                "predictor": _digest(predictor.spec()), "seeds": _seed_digest(seeds, seed_json), "cache": cache_spec}
     _claim_folder(out, settings)
     _remove_stale(out)
     done = {int(p.stem) for p in (out / PARTS).glob("*.json")}

@@ -482,7 +482,7 @@ def fit_adapter(adapter: DetectionAdapter, dataset: Any, steps: int, batch_size:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.head.parameters(), 0.1)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     adapter.eval()
     return losses
 

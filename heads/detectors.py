@@ -164,7 +164,7 @@ def train_detector(model: nn.Module, dataset: Dataset, steps: int = 2000, batch_
             nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses

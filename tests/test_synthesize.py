@@ -149,6 +149,15 @@ def test_bad_inputs(setup, tmp_path) -> None:
     with pytest.raises(CocoError, match="lists no images"):
         synthesize(adapter, empty, tmp_path / "z", 1, progress=False)
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+    import shutil
+
+    from difffeat.data.coco import save_image
+
+    edited = shutil.copytree(seeds, tmp_path / "edited")
+    synthesize(adapter, edited, tmp_path / "e", 1, steps=2, progress=False)
+    save_image(edited / IMAGES / "000000.png", torch.zeros(3, 32, 32))  # same json, other pixels
+    with pytest.raises(SynthesisError, match="other settings .*seeds"):
+        synthesize(adapter, edited, tmp_path / "e", 1, steps=2, progress=False)
 
 
 class _RecordingCache:
