@@ -77,6 +77,13 @@ class Arm:
     loop_wall: list[float] = field(default_factory=list)  # wall seconds per image
     calls: dict[str, int] = field(default_factory=dict)
 
+    def per_image(self) -> tuple[int, int]:
+        """Full and cached U-Net steps of one image's trajectory."""
+        if self.cache is None:
+            return self.steps, 0
+        full = len(self.cache.full_steps(self.steps))
+        return full, self.steps - full
+
 
 def load_backbone(name: str | None) -> tuple[Backbone, str, bool]:
     """The backbone to measure, its description, and whether it is trained."""
@@ -180,8 +187,13 @@ def step_flops(backbone: Backbone, branch: int) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def run_mode(backbone: Backbone, mode: str, opts: argparse.Namespace) -> list[Arm]:
-    """All arms of one mode, interleaved over the repeats; the equal-compute baselines sized after repeat 1."""
+def run_mode(backbone: Backbone, mode: str, opts: argparse.Namespace, flop_ratio: float) -> list[Arm]:
+    """All arms of one mode, interleaved over the repeats; the equal-compute baselines sized after repeat 1.
+
+    The fewer-step arms bracket each cached arm's cost in steps, estimated two ways: its measured time over
+    the uncached time per step, and its full steps plus its cached steps times ``flop_ratio`` (a cached
+    step's FLOPs over a full one's).
+    """
     def cache(interval: int) -> DeepCache:
         return DeepCache(interval, branch=opts.branch, schedule=opts.schedule)
 
@@ -200,12 +212,13 @@ def run_mode(backbone: Backbone, mode: str, opts: argparse.Namespace) -> list[Ar
             arm.images = images
             bar.update()
         if repeat == 0:
-            # the step counts just below and above each cached run's time (the loop's time is linear in steps)
+            # the step counts just below and above each cached run's cost (the loop's time is linear in steps)
             ref = statistics.median(main[0].loop_s)
             counts = set()
             for arm in main[2:]:
-                exact = steps * statistics.median(arm.loop_s) / ref
-                counts |= {max(1, math.floor(exact)), max(1, min(steps - 1, math.ceil(exact)))}
+                full, cached = arm.per_image()
+                estimates = (steps * statistics.median(arm.loop_s) / ref, full + cached * flop_ratio)
+                counts |= {max(1, math.floor(min(estimates))), max(1, min(steps - 1, math.ceil(max(estimates))))}
             baselines += [Arm(f"{k} steps", k) for k in sorted(counts)]
             for arm in baselines:
                 arm.images = synthesize(backbone, mode, arm, opts.images, opts.batch_size, opts.seed, opts.strength)
@@ -226,40 +239,63 @@ def _fmt_psnr(values: torch.Tensor) -> tuple[str, str]:
     return f"{float(values[~exact].mean()):.2f}{note}", f"{float(values.min()):.2f}"
 
 
-def verdict(arm: Arm, psnrs: dict[str, torch.Tensor], points: list[tuple[float, float, Arm]]) -> str:
-    """Whether a cached arm beats the fewer-step sampler at its wall time.
+def fit_cost(arms: list[Arm], flop_ratio: float) -> tuple[float, str]:
+    """The cost of a cached step in full steps, fitted to every arm's CPU time: ``t = a·full + b·cached``.
 
-    ``points``: ``(loop time, mean PSNR, arm)`` of the uncached fewer-step arms. The baseline's PSNR at the
-    cached arm's time is interpolated linearly between the arms just faster and just slower than it; the
-    cache wins where its PSNR is higher.
+    No intercept: the per-image work outside the U-Net calls (the scheduler's steps ride on each call) is
+    too small to fit apart from the timing noise.
+
+    Returns ``(b / a, how it was found)``; the FLOP ratio where the fit is degenerate (a non-positive cost).
     """
-    t_c, p_c = statistics.median(arm.loop_s), float(psnrs[arm.name].mean())
-    faster = [p for p in points if p[0] <= t_c]
-    slower = [p for p in points if p[0] > t_c]
-    lo, hi = (faster[-1] if faster else None), (slower[0] if slower else None)
-    if lo is not None and hi is not None:
-        w = (t_c - lo[0]) / (hi[0] - lo[0])
-        p_b = lo[1] + w * (hi[1] - lo[1])
-        against = (f"{p_b:.2f} dB interpolated at its time between {lo[2].steps} steps ({lo[1]:.2f} dB, "
-                   f"{lo[0]:.3f} s) and {hi[2].steps} steps ({hi[1]:.2f} dB, {hi[0]:.3f} s)")
-    elif lo is not None:
-        p_b, against = lo[1], (f"{lo[1]:.2f} dB of {lo[2].steps} steps ({lo[0]:.3f} s, faster; no fewer-step arm "
-                               f"was slower than the cache)")
-        if p_c > p_b:
-            return (f"**undecided**: {p_c:.2f} dB in {t_c:.3f} CPU s/image beats {against}, but a slower one was "
-                    f"not measured")
-    elif hi is not None:
-        p_b, against = hi[1], (f"{hi[1]:.2f} dB of {hi[2].steps} steps ({hi[0]:.3f} s, slower: even one step "
-                               f"fewer was not measured faster than the cache)")
-        if p_c <= p_b:
-            return f"**undecided**: {p_c:.2f} dB in {t_c:.3f} CPU s/image against {against}"
-    else:
-        return "**undecided**: no fewer-step arm was measured"
-    base = hi[2] if hi is not None else lo[2]
-    wins = int((psnrs[arm.name] > psnrs[base.name]).sum())
+    rows = torch.tensor([a.per_image() for a in arms], dtype=torch.float64)
+    times = torch.tensor([statistics.median(a.loop_s) for a in arms], dtype=torch.float64)
+    a, b = torch.linalg.lstsq(rows, times[:, None]).solution.flatten().tolist()
+    if a <= 0 or b <= 0:
+        return flop_ratio, f"the FLOP ratio (the fit of the times was degenerate: a={a:.4f}, b={b:.4f})"
+    return b / a, (f"fitted to all {len(arms)} arms' CPU times: full step {a * 1e3:.1f} ms, cached step "
+                   f"{b * 1e3:.1f} ms per image (FLOP ratio {flop_ratio:.3f})")
+
+
+def _interpolate(x: float, points: list[tuple[float, float, Arm]]) -> tuple[float, Arm, Arm] | None:
+    """Linear interpolation of ``(x, y, arm)`` points at ``x``, with the bracketing arms; ``None`` outside them."""
+    below = [p for p in points if p[0] <= x]
+    above = [p for p in points if p[0] >= x]
+    if not below or not above:
+        return None
+    lo, hi = below[-1], above[0]
+    w = 0.0 if hi[0] == lo[0] else (x - lo[0]) / (hi[0] - lo[0])
+    return lo[1] + w * (hi[1] - lo[1]), lo[2], hi[2]
+
+
+def verdict(arm: Arm, psnrs: dict[str, torch.Tensor], baselines: list[Arm], ratio: float) -> tuple[str, bool]:
+    """Whether a cached arm beats the fewer-step sampler at its cost; the line and whether it wins.
+
+    The cached arm costs ``k = full + cached · ratio`` full steps (``ratio`` from :func:`fit_cost`); the
+    fewer-step sampler's PSNR at ``k`` steps is interpolated between the measured step counts around ``k``
+    (PSNR against step count has no timing noise). As a cross-check the same is done on the arms' measured
+    times directly.
+    """
+    full, cached = arm.per_image()
+    k = full + cached * ratio
+    p_c = float(psnrs[arm.name].mean())
+    by_steps = sorted((b.steps, float(psnrs[b.name].mean()), b) for b in baselines)
+    found = _interpolate(k, by_steps)
+    t_c = statistics.median(arm.loop_s)
+    by_time = sorted((statistics.median(b.loop_s), float(psnrs[b.name].mean()), b) for b in baselines)
+    direct = _interpolate(t_c, by_time)
+    check = ("outside the measured fewer-step times" if direct is None else
+             f"at its measured time {t_c:.3f} CPU s/image: {direct[0]:.2f} dB, "
+             + ("agrees" if (p_c > direct[0]) == (found is not None and p_c > found[0]) else "disagrees"))
+    if found is None:
+        return (f"**undecided**: {p_c:.2f} dB at a cost of {k:.2f} full steps, outside the measured fewer-step "
+                f"counts {[b.steps for b in baselines]} (by time: {check})", False)
+    p_b, lo, hi = found
+    wins = int((psnrs[arm.name] > psnrs[hi.name]).sum())
     head = "**caching wins**" if p_c > p_b else "**caching does not win**"
-    return (f"{head}: {p_c:.2f} dB in {t_c:.3f} CPU s/image vs {against}; higher PSNR than {base.steps} steps on "
-            f"{wins} of {len(psnrs[arm.name])} images.")
+    return (f"{head}: {p_c:.2f} dB at the cost of {k:.2f} full steps vs {p_b:.2f} dB for the uncached sampler "
+            f"at that many steps (interpolated between {lo.steps} and {hi.steps} steps); higher PSNR than "
+            f"{hi.steps} steps on {wins} of {len(psnrs[arm.name])} images. Cross-check by time {check}.",
+            p_c > p_b)
 
 
 def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, trained: bool,
@@ -273,7 +309,8 @@ def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, tr
         "",
         f"Written by `{command}`; rerun that command to reproduce.",
         f"Run {datetime.date.today()} on {platform.processor() or platform.machine()}, CPU, "
-        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {elapsed:.0f} s wall in all. "
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {elapsed:.0f} s wall and "
+        f"{time.process_time() / 60:.1f} CPU min in all. "
         f"Times are medians of {opts.repeats} repeat(s), arms interleaved, all in this process. They are CPU "
         f"seconds of this process (`time.process_time`): the machine is shared, and wall time counts the waits "
         f"for a core other jobs hold; the wall-time columns are given beside them. Speed-ups, the "
@@ -287,8 +324,11 @@ def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, tr
         f"{trajectory('img2img', opts.steps, opts.strength, backbone.schedule)[1]} steps on the grid t0 … 0 (every "
         f"img2img arm starts from that same noised image). {opts.images} images per arm in batches of "
         f"{opts.batch_size}, seed {opts.seed}: every arm sees the same scenes and noise.",
-        "Equal-compute baseline: the uncached sampler with the step counts just below and above each cached "
-        "arm's measured time; its PSNR at the cache's time is interpolated between them.",
+        "Equal-compute baseline: the uncached sampler with the step counts around each cached arm's cost. A "
+        "cached arm's cost in full steps is its full steps plus its cached steps times the cost of a cached step "
+        "(fitted to all arms' CPU times, below each table); the fewer-step sampler's PSNR at that many steps is "
+        "interpolated between the measured step counts (PSNR against steps has no timing noise), and checked "
+        "against the same interpolation on the measured times.",
         f"Cache: schedule `{opts.schedule}`, branch {opts.branch} (skip connection `{skips[opts.branch].producer}` → "
         f"`{skips[opts.branch].consumer}`; a cached step skips {', '.join(f'`{m}`' for m in skipped)}). "
         f"FLOPs of one step at batch 1: full {full_flops / 1e9:.3f} GFLOP, cached {cached_flops / 1e9:.3f} GFLOP "
@@ -299,7 +339,8 @@ def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, tr
         "noising, loop, 8-bit conversion and PNG encoding (without the detection adapter).",
         "",
     ]
-    verdicts = []
+    verdicts, wins = [], 0
+    flop_ratio = cached_flops / full_flops
     for mode, arms in results.items():
         ref = arms[0]
         ref_loop, ref_total = statistics.median(ref.loop_s), statistics.median(ref.total_s)
@@ -321,29 +362,33 @@ def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, tr
             lines.append(f"| {arm.name} | {arm.steps} | {calls} | {loop:.3f} | {ref_loop / loop:.2f}× | {total:.3f} | "
                          f"{ref_total / total:.2f}× | {wall:.3f} | {ref_wall / wall:.2f}× | {mean} | {low} |")
         lines.append("")
-        points = sorted((statistics.median(a.loop_s), float(psnrs[a.name].mean()), a) for a in arms
-                        if a.cache is None and a is not ref)
+        ratio, how = fit_cost(arms, flop_ratio)
+        lines += [f"Cost of a cached step: {ratio:.3f} full steps, {how}.", ""]
+        baselines = [a for a in arms if a.cache is None and a is not ref]
         for arm in arms[2:]:
             if arm.cache is not None:
-                verdicts.append(f"- {mode}, {arm.name[6:]}: " + verdict(arm, psnrs, points))
-    lines += ["## Verdict: cache vs the same sampler with fewer steps at equal wall time", "", *verdicts, ""]
-    if not any("caching wins" in v for v in verdicts):
+                line, won = verdict(arm, psnrs, baselines, ratio)
+                verdicts.append(f"- {mode}, {arm.name[6:]}: {line}")
+                wins += won
+    lines += ["## Verdict: cache vs the same sampler with fewer steps at equal compute", "", *verdicts, ""]
+    if not wins:
         lines += ["**No cached setting beat the fewer-step sampler at equal time here: on this model and at this "
                   "scale the cache is not worth having.**", ""]
     exact = ", ".join(f"{m}: bit-identical" for m in results)
     lines += [f"Interval 1 vs no cache ({exact}; the run stops otherwise). "
               f"Loop time of interval 1 over uncached: " +
               ", ".join(f"{m} {statistics.median(a[1].loop_s) / statistics.median(a[0].loop_s):.3f}"
-                        for m, a in results.items()) + " (the hooks' overhead).", ""]
+                        for m, a in results.items())
+              + " (the hooks' overhead plus timing noise: both arms run the same computation).", ""]
     if not trained:
         lines += ["**The backbone is untrained**: these PSNR figures compare outputs of a random network. "
                   "Rerun once `configs/ddpm_scenes.yaml` has trained the scenes U-Net.", ""]
-    lines += ["![PSNR vs time](bench_synthesis.png)", ""]
+    lines += ["![PSNR vs cost](bench_synthesis.png)", ""]
     return "\n".join(lines), verdicts
 
 
-def figure(results: dict[str, list[Arm]], opts: argparse.Namespace) -> bytes:
-    """PSNR against loop time per mode (cache and fewer-step arms), and the first image of each arm."""
+def figure(results: dict[str, list[Arm]], opts: argparse.Namespace, flops: tuple[int, int]) -> bytes:
+    """PSNR against cost per mode (cache and fewer-step arms), and the first image of each arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,19 +402,21 @@ def figure(results: dict[str, list[Arm]], opts: argparse.Namespace) -> bytes:
     for m, (mode, arms) in enumerate(results.items()):
         ax = fig.add_subplot(grid[0, m * per_plot:(m + 1) * per_plot])
         ref = arms[0]
-        for arms_kind, style, label in (("cache", "o-", "DeepCache N"), ("steps", "s--", "fewer steps")):
+        full_flops, cached_flops = flops
+        ratio, _ = fit_cost(arms, cached_flops / full_flops)
+        for kind, style, label in (("cache", "o-", "DeepCache N"), ("steps", "s--", "fewer steps")):
             pts = []
             for arm in arms[2:]:
-                if (arm.name.startswith("cache")) == (arms_kind == "cache"):
-                    value = float(psnr(arm.images, ref.images).mean())
-                    pts.append((statistics.median(arm.loop_s), value, arm.name))
+                if (arm.cache is not None) == (kind == "cache"):
+                    full, cached = arm.per_image()
+                    pts.append((full + cached * ratio, float(psnr(arm.images, ref.images).mean()), arm.name))
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
             for x, y, name in pts:
-                ax.annotate(name.split(" (")[0].replace("cache ", ""), (x, y), textcoords="offset points",
+                ax.annotate(name.replace("cache ", "").replace(" steps", ""), (x, y), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)
-        ax.axvline(statistics.median(ref.loop_s), color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="denoising loop, CPU s / image", ylabel="PSNR to uncached, dB", title=mode)
+        ax.set(xlabel=f"cost in full U-Net steps (a cached step = {ratio:.3f}, fitted to CPU time)",
+               ylabel="PSNR to uncached, dB", title=mode)
         ax.legend(fontsize=8)
         for j, arm in enumerate(arms):
             axi = fig.add_subplot(grid[1 + m, j])
@@ -421,11 +468,11 @@ def main(args: list[str] | None = None) -> None:
         parser.error("the benchmark's img2img grid is a DDPM one; give a DDPM-trained backbone")
     print(f"backbone: {described}")
     flops = step_flops(backbone, opts.branch)
-    results = {mode: run_mode(backbone, mode, opts) for mode in opts.modes}
+    results = {mode: run_mode(backbone, mode, opts, flops[1] / flops[0]) for mode in opts.modes}
     elapsed = time.perf_counter() - began
     text, verdicts = report(results, backbone, described, trained, opts, flops, elapsed, command)
     opts.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(opts.out / "bench_synthesis.png", figure(results, opts))
+    atomic_write(opts.out / "bench_synthesis.png", figure(results, opts, flops))
     atomic_write(opts.out / "bench_synthesis.md", text.encode())
     print("\n".join(verdicts))
     print(f"wrote {opts.out / 'bench_synthesis.md'} and .png in {elapsed:.0f} s")
