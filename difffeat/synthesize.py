@@ -194,7 +194,7 @@ def _one_image(predictor: BoxPredictor, x0: torch.Tensor, gen: torch.Generator, 
     x = scheduler.add_noise(latents, noise, torch.tensor([n - 1]))
     c = x.shape[1]
     if cache is not None:
-        cache.reset()
+        cache.reset(n)  # this pass's number of steps (img2img runs fewer than a full-strength pass)
     with cache.attach(backbone.model) if cache is not None else nullcontext():
         for k, (tm, ts) in enumerate(zip(model_t, step_t, strict=True)):
             t = torch.full((1,), int(tm), device=x.device, dtype=torch.long)
@@ -230,9 +230,11 @@ def synthesize(predictor: BoxPredictor, seeds: str | Path, out: str | Path, num_
         strength: the range strengths are drawn from (the reference's ``[0.4, 0.8]``).
         seed: synthesis seed (same seed, same dataset).
         score_threshold: boxes scoring at most this are dropped.
-        cache: optional feature cache: ``cache.attach(unet)`` is a context manager around each image's
-            denoising loop and ``cache.reset()`` is called before each image. Its ``spec()`` (if any) is a
-            setting. It must run the final step fully: the adapter's taps are read there.
+        cache: optional feature cache (:class:`difffeat.cache.DeepCache`): ``cache.reset(steps)`` is called
+            before each image with its number of steps, and ``cache.attach(unet)`` is a context manager
+            around its denoising loop. Its ``config()`` (or ``spec()``) is a setting. The adapter reads the
+            final step's taps, so the cache should run that step in full (``DeepCache(last_full=True)``);
+            otherwise the deep taps hold the features of the last full step.
         progress: show a progress bar.
 
     Returns:
@@ -254,8 +256,8 @@ def synthesize(predictor: BoxPredictor, seeds: str | Path, out: str | Path, num_
         raise SynthesisError(f"the predictor's categories {unknown} are not in the seed set {seeds} "
                              f"(its categories: {sorted(name_to_id)})")
     label_to_id = [name_to_id[c] for c in predictor.categories]
-    cache_spec = None if cache is None else (cache.spec() if callable(getattr(cache, "spec", None))
-                                             else type(cache).__name__)
+    cache_spec = None if cache is None else next(
+        (getattr(cache, m)() for m in ("config", "spec") if callable(getattr(cache, m, None))), repr(cache))
     settings = {"version": 1, "seed": seed, "num_images": num_images, "steps": steps,
                 "strength": [float(v) for v in strength], "score_threshold": float(score_threshold),
                 "predictor": _digest(predictor.spec()), "seeds": _seed_digest(seeds, seed_json), "cache": cache_spec}

@@ -22,6 +22,8 @@ Every finished unit (adapter, dataset, detector run) is kept under ``--work-dir`
 
     python -m experiments.detection_synthesis            # the full run
     python -m experiments.detection_synthesis --smoke    # minutes: tiny sizes, a random U-Net if none is trained
+    python -m experiments.detection_synthesis --cache difffeat.cache.DeepCache \
+        --cache-kwargs '{"interval": 3, "last_full": true, "steps": 25}'   # plus the cached-synthesis rows
 """
 
 from __future__ import annotations

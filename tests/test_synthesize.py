@@ -165,12 +165,14 @@ class _RecordingCache:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.steps: list[int] = []
 
-    def spec(self) -> dict:
+    def config(self) -> dict:
         return {"kind": "recording"}
 
-    def reset(self) -> None:
+    def reset(self, steps: int) -> None:
         self.calls.append("reset")
+        self.steps.append(steps)
 
     def attach(self, unet):
         from contextlib import contextmanager
@@ -192,7 +194,8 @@ def test_cache_plugs_in(setup, tmp_path) -> None:
     cache = _RecordingCache()
     synthesize(setup["adapter"], setup["seeds"], tmp_path / "cached", 2, steps=4, cache=cache, progress=False)
     assert cache.calls[0] == "reset" and cache.calls.count("reset") == 2 and cache.calls.count("attach") == 2
-    assert cache.calls.count("forward") >= 2 and cache.calls[-1] == "detach"
+    assert cache.calls.count("forward") == sum(cache.steps) and cache.calls[-1] == "detach"
+    assert all(1 <= n <= 4 for n in cache.steps)
     settings = json.loads((tmp_path / "cached" / SETTINGS).read_text())
     assert settings["cache"] == {"kind": "recording"}
 
@@ -215,3 +218,17 @@ def test_synthesize_from_a_lightning_checkpoint(setup, tmp_path) -> None:
                         progress=False)
     assert loaded["boxes"] == direct["boxes"] > 0
     assert _folder_bytes(tmp_path / "loaded") == _folder_bytes(tmp_path / "direct")
+
+
+def test_deepcache_interval_one_equals_no_cache(setup, tmp_path) -> None:
+    cache_module = pytest.importorskip("difffeat.cache")
+    seeds, adapter = setup["seeds"], setup["adapter"]
+    plain = synthesize(adapter, seeds, tmp_path / "plain", 2, steps=6, score_threshold=0.0, progress=False)
+    one = synthesize(adapter, seeds, tmp_path / "one", 2, steps=6, score_threshold=0.0, progress=False,
+                     cache=cache_module.DeepCache(interval=1))
+    three = synthesize(adapter, seeds, tmp_path / "three", 2, steps=6, score_threshold=0.0, progress=False,
+                       cache=cache_module.DeepCache(interval=3, last_full=True, steps=6))
+    images = {k: v for k, v in _folder_bytes(tmp_path / "plain").items() if k != ANNOTATIONS}
+    assert {k: v for k, v in _folder_bytes(tmp_path / "one").items() if k != ANNOTATIONS} == images
+    assert {k: v for k, v in _folder_bytes(tmp_path / "three").items() if k != ANNOTATIONS} != images
+    assert plain["boxes"] == one["boxes"] and three["images"] == 2
