@@ -735,7 +735,7 @@ def noisy_latents(raw: torch.Tensor, tau: float, generator: torch.Generator | No
 
 def train_decoder(rae: RAE, images: torch.Tensor, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3,
                   noise_tau: float = 0.8, seed: int = 0, loss: ReconstructionLoss | None = None,
-                  progress: bool = False) -> list[float]:
+                  progress: bool = False, raw: torch.Tensor | None = None) -> list[float]:
     """Trains the RAE's decoder (encoder frozen) on noise-augmented latents, in place.
 
     The frozen encoder is deterministic, so it runs once over ``images`` (eval mode) and each step adds
@@ -753,13 +753,20 @@ def train_decoder(rae: RAE, images: torch.Tensor, steps: int = 1000, batch_size:
         seed: seeds batches and noise.
         loss: the loss (default: L1 only).
         progress: show a progress bar.
+        raw: ``rae.raw_latents(images)`` when already computed (the same encoder trains several decoders).
 
     Returns:
         The loss of every step.
+
+    Raises:
+        ValueError: ``raw`` does not match ``images`` and the latent shape.
     """
     loss = loss or ReconstructionLoss()
     rae.set_noise_tau(noise_tau)
-    raw = rae.raw_latents(images)
+    raw = rae.raw_latents(images) if raw is None else raw
+    if raw.shape != (len(images), *rae.latent_shape):
+        raise ValueError(f"raw latents {tuple(raw.shape)} do not match {len(images)} images of latent "
+                         f"{rae.latent_shape}")
     opt = torch.optim.AdamW(rae.autoencoder.decoder.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     d_opt = (torch.optim.AdamW(loss.discriminator.parameters(), lr=lr) if loss.discriminator is not None else None)

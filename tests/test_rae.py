@@ -199,6 +199,8 @@ def test_decoder_training_keeps_the_encoder_frozen():
     assert all(torch.equal(v, rae.autoencoder.encoder.state_dict()[k]) for k, v in enc.items())
     assert any(not torch.equal(v, rae.autoencoder.decoder.state_dict()[k]) for k, v in dec.items())
     assert not rae.training
+    with pytest.raises(ValueError, match="raw latents"):
+        train_decoder(rae, images(16), steps=1, raw=torch.zeros(3, 64, 8, 8))
 
 
 def test_mae_pretraining_transplants_into_the_encoder():

@@ -377,3 +377,17 @@ def dit_dh_digits(**kwargs: Any) -> Backbone:
     """DiT^DH on the digits RAE latent (:data:`DIGITS_DIT_DH`), flow schedule shifted by ``α = √(8192 / 4096)``."""
     kwargs.setdefault("scheduler", {**FLOW, "shift": math.sqrt(128 * 64 / 4096)})
     return DiTDHBackbone.from_config(DIGITS_DIT_DH, name="dit-dh-digits", **kwargs)
+
+
+@register_backbone
+def dit_dh_digits_narrow(**kwargs: Any) -> Backbone:
+    """The plain, narrow DiT baseline of ``dit-dh-digits``: width 96, 7 blocks, no head (1.50 M parameters, as it)."""
+    kwargs.setdefault("scheduler", {**FLOW, "shift": math.sqrt(128 * 64 / 4096)})
+    return DiTDHBackbone.from_config(dit_dh_config((128, 8, 8), 96, 7, 0, 0), name="dit-dh-digits-narrow", **kwargs)
+
+
+@register_backbone
+def dit_dh_digits_pixel(**kwargs: Any) -> Backbone:
+    """``dit-dh-digits``' sizes in pixel space: 16×16 grey digits, patch 2 (the same 64 tokens), no shift."""
+    return DiTDHBackbone.from_config(dit_dh_config((1, 16, 16), 96, 4, 192, 1, patch_size=2),
+                                     name="dit-dh-digits-pixel", **kwargs)

@@ -137,3 +137,16 @@ def test_rae_configs_fast_dev_run(tmp_path):
     backbone = create_backbone(tmp_path / "dit")
     assert isinstance(backbone, DiTDHBackbone) and backbone.rae is not None
     assert backbone.schedule.shift == pytest.approx(math.sqrt(8 * 4 * 4 / 4096))  # alpha of the RAE latent
+    main(["fit", "--config", str(ROOT / "configs/rae_dit_dh_pixel_digits.yaml"), "--trainer.fast_dev_run", "1",
+          "--trainer.enable_progress_bar", "false", "--model.export_dir", str(tmp_path / "pixel")])
+    pixel = create_backbone(tmp_path / "pixel")
+    assert pixel.rae is None and pixel.schedule.shift == 1.0 and pixel.latent_channels == 1
+
+
+def test_digits_arms_have_equal_parameters():
+    count = {name: sum(p.numel() for p in create_backbone(name).model.parameters())
+             for name in ("dit-dh-digits", "dit-dh-digits-narrow", "dit-dh-digits-pixel")}
+    assert abs(count["dit-dh-digits-narrow"] / count["dit-dh-digits"] - 1) < 0.01
+    assert create_backbone("dit-dh-digits").schedule.shift == pytest.approx(math.sqrt(2))
+    head = create_backbone("dit-dh-digits").model
+    assert head.head_blocks[0].norm1.normalized_shape[0] > head.config.in_channels  # the head is wider
