@@ -29,6 +29,7 @@ Every finished unit (adapter, dataset, detector run) is kept under ``--work-dir`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import math
@@ -59,6 +60,20 @@ def _json_cached(path: Path, compute: Any) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(result, indent=1).encode())
     return result
+
+
+def _claim_work_dir(work: Path, settings: dict[str, Any]) -> None:
+    """Ties ``work`` to these settings: its kept units (adapter, datasets, runs) are reused only by the same ones."""
+    path = work / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if differ:
+            raise SystemExit(f"{work} holds units made with other settings ({', '.join(differ)}: "
+                             f"{ {k: old.get(k) for k in differ} } there); pass another --work-dir")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(settings, indent=1).encode())
 
 
 def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path) -> tuple[Any, dict[str, Any]]:
@@ -200,7 +215,9 @@ def _report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, A
              f"{synth_info['images_per_s']:.3f} images/s ({args.steps} full-strength DDIM steps)."]
     if cache_info is not None:
         lines += ["", f"With the feature cache `{args.cache}` {args.cache_kwargs}: {cache_info['images_per_s']:.3f} "
-                  f"images/s ({cache_info['images_per_s'] / synth_info['images_per_s']:.2f}× the uncached rate)."]
+                  f"images/s ({cache_info['images_per_s'] / synth_info['images_per_s']:.2f}× the uncached rate; "
+                  f"the two runs are not paired in time or load: experiments/bench_synthesis.py measures the "
+                  f"speed-up properly)."]
     lines += ["", "| detector (metric) | training data | mAP@[.5:.95] | mAP@.5 | per seed mAP | time / run |",
               "|---|---|---|---|---|---|"]
     for framework, by_condition in runs.items():
@@ -234,7 +251,8 @@ def _report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, A
             d = [100 * (b["map"] - a["map"]) for a, b in zip(mixed, cached, strict=False)]
             lines.append(f"- {framework}: the feature cache changes the real + synthesized mAP by {np.mean(d):+.2f} "
                          f"points (per seed {', '.join(f'{v:+.2f}' for v in d)}).")
-    lines += ["", f"![synthesized images]({figure.name})", "", f"Total wall time {seconds / 60:.1f} min."]
+    lines += ["", f"![synthesized images]({figure.name})", "", f"Wall time of this invocation (kept units are reused) "
+              f"{seconds / 60:.1f} min."]
     text = "\n".join(lines) + "\n"
     atomic_write(out, text.encode())
     return text
@@ -278,6 +296,9 @@ def main(argv: list[str] | None = None) -> str:
     elif Path(ROOT / backbone).is_dir():
         backbone = str(ROOT / backbone)
     start = time.perf_counter()
+    _claim_work_dir(work, {**{k: getattr(args, k) for k in ("real", "test", "synth", "steps", "adapter_steps",
+                                                            "detector_steps", "score_threshold", "seed")},
+                           "backbone": backbone})
     classes = [0, 1, 2, 3, 4]
     for split, n, seed, offset in (("real", args.real, args.seed, 0), ("test", args.test, args.seed + 1000, 0)):
         if not (work / split / "annotations.json").is_file():
@@ -291,18 +312,23 @@ def main(argv: list[str] | None = None) -> str:
     cache_info = None
     cache = _make_cache(args)
     if cache is not None:
-        cache_info = _json_cached(work / "synth_cached_info.json", lambda: synthesize(
-            adapter, work / "real", work / "synth_cached", args.synth, steps=args.steps,
+        tag = hashlib.sha256(f"{args.cache}:{json.dumps(json.loads(args.cache_kwargs), sort_keys=True)}".encode()
+                             ).hexdigest()[:10]
+        cached_dir = work / f"synth_cached_{tag}"
+        cache_info = _json_cached(work / f"synth_cached_{tag}_info.json", lambda: synthesize(
+            adapter, work / "real", cached_dir, args.synth, steps=args.steps,
             score_threshold=args.score_threshold, seed=args.seed, cache=cache))
     mmdet_reason = "skipped (--no-mmdet)" if args.no_mmdet else _mmdet_available()
     data = {"real": [work / "real"], "real+synth": [work / "real", work / "synth"], "synth": [work / "synth"]}
     if cache_info is not None:
-        data["real+synth (cached synthesis)"] = [work / "real", work / "synth_cached"]
+        data["real+synth (cached synthesis)"] = [work / "real", cached_dir]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {"torchvision FCOS (torchmetrics)": {}}
     if mmdet_reason is None:
         runs["mmdet FCOS (CocoMetric)"] = {}
     for condition, roots in data.items():
         key = condition.replace("+", "_").replace(" ", "_").replace("(", "").replace(")", "")
+        if cache_info is not None and "cached" in condition:
+            key += f"_{tag}"
         for seed in range(args.seeds):
             tv = _json_cached(work / "runs" / f"torchvision_{key}_{seed}.json",
                               lambda r=roots, s=seed: _torchvision_run(r, work / "test", s, args))
