@@ -46,7 +46,9 @@ from difffeat.encoder import DiffusionEncoder
 from heads.base import FrozenPartState
 
 __all__ = [
+    "HEADS",
     "ChannelMapper",
+    "DenseDetectionHead",
     "DetectionAdapter",
     "SetDetectionHead",
     "fit_adapter",
@@ -242,6 +244,124 @@ class SetDetectionHead(nn.Module):
             outputs.append((self.class_head(h), boxes))
         return outputs
 
+    def loss(self, maps: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+             image_size: tuple[int, int], **weights: float) -> dict[str, torch.Tensor]:
+        """Set loss summed over decoder layers (auxiliary losses), by term.
+
+        Args:
+            maps: the levels.
+            boxes: per image ``(N, 4)`` ``x0, y0, x1, y1`` pixels.
+            labels: per image ``(N,)``.
+            image_size: ``(H, W)``.
+            **weights: :func:`set_criterion`'s weights.
+        """
+        h, w = image_size
+        scale = maps[0].new_tensor([w, h, w, h])
+        targets = [(lb, box_convert(b.float(), "xyxy", "cxcywh") / scale) for b, lb in zip(boxes, labels, strict=True)]
+        terms: dict[str, torch.Tensor] = {}
+        for logits, pred in self(maps):
+            for k, v in set_criterion(logits, pred, targets, **weights).items():
+                terms[k] = terms.get(k, 0) + v
+        return terms
+
+    @torch.no_grad()
+    def predict(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int], score_threshold: float | None
+                ) -> list[dict[str, torch.Tensor]]:
+        """The last layer's top ``num_queries`` (query, class) pairs per image, boxes in pixels."""
+        logits, boxes = self(maps)[-1]
+        h, w = image_size
+        scale = boxes.new_tensor([w, h, w, h])
+        results = []
+        for lg, bx in zip(logits, boxes, strict=True):
+            scores, flat = lg.sigmoid().flatten().topk(min(self.num_queries, lg.numel()))
+            q, cls = flat // lg.shape[1], flat % lg.shape[1]
+            xyxy = box_convert(bx[q], "cxcywh", "xyxy") * scale
+            xyxy = torch.stack([xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h), xyxy[:, 2].clamp(0, w),
+                                xyxy[:, 3].clamp(0, h)], 1)
+            keep = scores > score_threshold if score_threshold is not None else torch.ones_like(scores, dtype=bool)
+            results.append({"boxes": xyxy[keep], "scores": scores[keep], "labels": cls[keep]})
+        return results
+
+
+class _NoBackbone(nn.Module):
+    """Stands where torchvision's FCOS expects a backbone: the dense head is fed maps, never images."""
+
+    def __init__(self, out_channels: int) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+
+
+class DenseDetectionHead(nn.Module):
+    """An FCOS-like dense head on the mapped levels: torchvision's ``FCOSHead``, matching, losses and decoding.
+
+    Per location: class scores (sigmoid focal loss), ``l, t, r, b`` distances (GIoU loss) and centerness
+    (BCE); positives by FCOS's centre sampling and per-level size ranges ``[4s, 8s]`` of torchvision's
+    ``FCOS``, whose ``compute_loss`` and ``postprocess_detections`` (score > 0.05, NMS 0.6) are used as they
+    are; only its image transform and backbone are bypassed, as the levels come from the diffusion taps.
+
+    Args:
+        in_channels: channels of each input level.
+        num_classes: object classes.
+        strides: image stride of each level.
+        width: common width (channel mapper output and head; a multiple of 32).
+        groups: GroupNorm groups of the channel mapper.
+        num_convs: convolutions of each FCOS tower (torchvision's default 4; 2 at this scale).
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, strides: Sequence[int], width: int = 64,
+                 groups: int = 8, num_convs: int = 2) -> None:
+        super().__init__()
+        from torchvision.models.detection import FCOS
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.fcos import FCOSHead
+
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if width % 32:
+            raise ValueError(f"the dense head's width must be a multiple of 32 (FCOSHead's GroupNorm has 32 groups), "
+                             f"got {width}")
+        self.mapper = ChannelMapper(in_channels, width, groups)
+        anchors = AnchorGenerator(tuple((int(s),) for s in strides), ((1.0,),) * len(strides))
+        self.fcos = FCOS(_NoBackbone(width), num_classes, anchor_generator=anchors,
+                         head=FCOSHead(width, 1, num_classes, num_convs=num_convs), score_thresh=0.05,
+                         nms_thresh=0.6, detections_per_img=100)
+
+    def _run(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int]) -> tuple[Any, ...]:
+        from torchvision.models.detection.image_list import ImageList
+
+        features = self.mapper(maps)
+        b = features[0].shape[0]
+        images = ImageList(features[0].new_empty((b, 0, *image_size)), [tuple(image_size)] * b)
+        return features, self.fcos.head(features), self.fcos.anchor_generator(images, features)
+
+    def loss(self, maps: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+             image_size: tuple[int, int], **_weights: float) -> dict[str, torch.Tensor]:
+        """FCOS's ``classification``, ``bbox_regression`` and ``bbox_ctrness`` losses."""
+        features, outputs, anchors = self._run(maps, image_size)
+        targets = [{"boxes": b.float(), "labels": lb} for b, lb in zip(boxes, labels, strict=True)]
+        per_level = [f.shape[2] * f.shape[3] for f in features]
+        return self.fcos.compute_loss(targets, outputs, anchors, per_level)
+
+    @torch.no_grad()
+    def predict(self, maps: Sequence[torch.Tensor], image_size: tuple[int, int], score_threshold: float | None
+                ) -> list[dict[str, torch.Tensor]]:
+        """FCOS's decoding and NMS; detections above ``score_threshold`` (``None``: FCOS's own 0.05)."""
+        features, outputs, anchors = self._run(maps, image_size)
+        per_level = [f.shape[2] * f.shape[3] for f in features]
+        split = {k: list(v.split(per_level, dim=1)) for k, v in outputs.items()}
+        dets = self.fcos.postprocess_detections(split, [list(a.split(per_level)) for a in anchors],
+                                                [tuple(image_size)] * len(anchors))
+        if score_threshold is None:
+            return dets
+        return [{k: v[d["scores"] > score_threshold] for k, v in d.items()} for d in dets]
+
+
+#: the adapter's detection heads by name: ``(level channels, classes, level strides, adapter args) -> head``
+HEADS: dict[str, Any] = {
+    "set": lambda c, k, s, a: SetDetectionHead(c, k, a["width"], a["num_queries"], a["num_layers"]),
+    "dense": lambda c, k, s, a: DenseDetectionHead(c, k, s, a["width"]),
+}
+
 
 def resize_taps(maps: Sequence[torch.Tensor], strides: Sequence[int], size: tuple[int, int]) -> list[torch.Tensor]:
     """Tap maps resized to ``size / stride`` as :class:`~difffeat.encoder.DiffusionEncoder` resizes them.
@@ -260,7 +380,7 @@ def resize_taps(maps: Sequence[torch.Tensor], strides: Sequence[int], size: tupl
 
 
 class DetectionAdapter(FrozenPartState, L.LightningModule):
-    """The detection adapter's LightningModule: frozen encoder taps → :class:`SetDetectionHead`.
+    """The detection adapter's LightningModule: frozen encoder taps → :class:`SetDetectionHead` (or the dense one).
 
     It also serves synthesis (:func:`difffeat.synthesize.synthesize`) as its box predictor: :attr:`backbone`,
     :attr:`layers`, :attr:`timestep`, :attr:`categories` and :meth:`predict_taps`.
@@ -271,27 +391,30 @@ class DetectionAdapter(FrozenPartState, L.LightningModule):
         timestep: the DDPM timestep of the features: synthesis ends its denoising loop at this timestep.
         categories: class names (the seed set's), in label order.
         output_strides: strides the taps are resized to (see :class:`~difffeat.encoder.DiffusionEncoder`).
+        head: a :data:`HEADS` name: ``"set"`` (the reference's DETR-like head) or ``"dense"`` (FCOS-like).
         width: head width.
-        num_queries: object queries.
-        num_layers: decoder layers.
+        num_queries: object queries (set head).
+        num_layers: decoder layers (set head).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         score_threshold: the lowest score kept by :meth:`predict` (validation keeps every detection).
-        class_weight: focal loss / class cost weight.
-        l1_weight: L1 weight.
-        giou_weight: GIoU weight.
+        class_weight: focal loss / class cost weight (set head).
+        l1_weight: L1 weight (set head).
+        giou_weight: GIoU weight (set head).
         seed: noise seed of the features.
         cache_features: memoise features per image content (valid: content-seeded noise, no augmentation).
         backbone_kwargs: extra ``create_backbone`` arguments.
 
     Raises:
         ValueError: no categories, or repeated names.
+        KeyError: an unknown head name.
     """
 
     frozen_prefix = "encoder."
 
     def __init__(self, backbone: str, layers: list[str], timestep: int, categories: list[str],
-                 output_strides: list[int] | None = None, width: int = 64, num_queries: int = 20, num_layers: int = 2,
+                 output_strides: list[int] | None = None, head: str = "set", width: int = 64, num_queries: int = 20,
+                 num_layers: int = 2,
                  lr: float = 5e-4, weight_decay: float = 1e-4, score_threshold: float = 0.3,
                  class_weight: float = 2.0, l1_weight: float = 5.0, giou_weight: float = 2.0, seed: int = 0,
                  cache_features: bool = True, backbone_kwargs: dict[str, Any] | None = None) -> None:
@@ -302,7 +425,10 @@ class DetectionAdapter(FrozenPartState, L.LightningModule):
         self.encoder = DiffusionEncoder(backbone, layers, timestep, output_strides=output_strides, seed=seed,
                                         backbone_kwargs=backbone_kwargs)
         self.encoder.backbone.requires_grad_(False)
-        self.head = SetDetectionHead(self.encoder.out_channels[1:], len(categories), width, num_queries, num_layers)
+        if head not in HEADS:
+            raise KeyError(f"unknown detection head {head!r}; valid: {sorted(HEADS)}")
+        self.head = HEADS[head](self.encoder.out_channels[1:], len(categories), self.encoder.strides,
+                                {"width": width, "num_queries": num_queries, "num_layers": num_layers})
         self.categories = list(categories)
         self.weights = {"class_weight": class_weight, "l1_weight": l1_weight, "giou_weight": giou_weight}
         self._features: dict[str, list[torch.Tensor]] | None = {} if cache_features else None
@@ -348,7 +474,7 @@ class DetectionAdapter(FrozenPartState, L.LightningModule):
             raise KeyError(f"taps {missing} were not recorded at the final step (recorded: {sorted(taps)}); the "
                            f"final denoising step must run the layers the adapter reads")
         maps = resize_taps([taps[n].float() for n in self.layers], self.encoder.strides, image_size)
-        return self._decode(self.head(maps)[-1], image_size, score_threshold)
+        return self.head.predict(maps, tuple(image_size), score_threshold)
 
     # ------------------------------------------------------------------ features and predictions
     def _maps(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -364,46 +490,23 @@ class DetectionAdapter(FrozenPartState, L.LightningModule):
         return [torch.stack([self._features[k][level] for k in keys]).to(images.device)
                 for level in range(len(self.layers))]
 
-    def forward(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per decoder layer ``(logits, boxes)`` for ``(B, 3, H, W)`` images in ``[-1, 1]`` (moved to the module)."""
-        return self.head(self._maps(images.to(self.device)))
-
-    def _decode(self, output: tuple[torch.Tensor, torch.Tensor], image_size: tuple[int, int],
-                score_threshold: float | None) -> list[dict[str, torch.Tensor]]:
-        logits, boxes = output
-        h, w = image_size
-        scale = boxes.new_tensor([w, h, w, h])
-        results = []
-        for lg, bx in zip(logits, boxes, strict=True):
-            scores, flat = lg.sigmoid().flatten().topk(min(self.head.num_queries, lg.numel()))
-            q, labels = flat // lg.shape[1], flat % lg.shape[1]
-            xyxy = box_convert(bx[q], "cxcywh", "xyxy") * scale
-            xyxy = torch.stack([xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h), xyxy[:, 2].clamp(0, w),
-                                xyxy[:, 3].clamp(0, h)], 1)
-            keep = scores > score_threshold if score_threshold is not None else torch.ones_like(scores, dtype=bool)
-            results.append({"boxes": xyxy[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The head's input levels for ``(B, 3, H, W)`` images in ``[-1, 1]`` (moved to the module's device)."""
+        return self._maps(images.to(self.device))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections of clean images (boxes in pixels, scores above ``score_threshold``, default the module's)."""
         threshold = self.hparams.score_threshold if score_threshold is None else score_threshold
-        return self._decode(self(images)[-1], tuple(images.shape[-2:]), threshold)
+        return self.head.predict(self(images), tuple(images.shape[-2:]), threshold)
 
     # ------------------------------------------------------------------ training
-    def _targets(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        h, w = batch["image"].shape[-2:]
-        scale = batch["image"].new_tensor([w, h, w, h])
-        return [(labels.to(self.device), box_convert(boxes.to(self.device).float(), "xyxy", "cxcywh") / scale)
-                for labels, boxes in zip(batch["labels"], batch["boxes"], strict=True)]
-
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Set loss summed over decoder layers (auxiliary losses), by term, and ``"loss"`` their sum."""
-        targets = self._targets(batch)
-        terms: dict[str, torch.Tensor] = {}
-        for logits, boxes in self(batch["image"]):
-            for k, v in set_criterion(logits, boxes, targets, **self.weights).items():
-                terms[k] = terms.get(k, 0) + v
+        """The head's loss terms and ``"loss"``, their sum."""
+        boxes = [b.to(self.device) for b in batch["boxes"]]
+        labels = [lb.to(self.device) for lb in batch["labels"]]
+        terms = dict(self.head.loss(self(batch["image"]), boxes, labels, tuple(batch["image"].shape[-2:]),
+                                    **self.weights))
         terms["loss"] = sum(terms.values())
         return terms
 
@@ -432,7 +535,7 @@ class DetectionAdapter(FrozenPartState, L.LightningModule):
         """Loss and mAP accumulation (every detection kept, as COCO evaluation expects)."""
         terms = self.loss(batch)
         self.log("val/loss", terms["loss"], batch_size=len(batch["image"]))
-        preds = self._decode(self(batch["image"])[-1], tuple(batch["image"].shape[-2:]), None)
+        preds = self.head.predict(self(batch["image"]), tuple(batch["image"].shape[-2:]), None)
         self._map.update([{k: v.cpu() for k, v in p.items()} for p in preds],
                          [{"boxes": b.float().cpu(), "labels": lb.cpu()} for b, lb in
                           zip(batch["boxes"], batch["labels"], strict=True)])

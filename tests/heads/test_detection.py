@@ -32,8 +32,9 @@ def unet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _adapter(unet_dir: Path, **kwargs) -> DetectionAdapter:
     torch.manual_seed(0)
+    kwargs.setdefault("width", 32 if kwargs.get("head") == "dense" else 16)  # FCOSHead: GroupNorm of 32 groups
     return DetectionAdapter(str(unet_dir), ["mid_block", "up_blocks.0", "up_blocks.1"], 20, CATEGORIES,
-                            output_strides=[4, 8, 16], width=16, num_queries=8, **kwargs)
+                            output_strides=[4, 8, 16], num_queries=8, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (9, 9), (12, 1), (5, 0)])
@@ -78,8 +79,9 @@ def _batch(n: int = 4, size: int = 32) -> dict:
     return collate_detection([SceneDetection(n, size=size, classes=[0, 1, 2])[i] for i in range(n)])
 
 
-def test_forward_backward_frozen_backbone(unet_dir) -> None:
-    adapter = _adapter(unet_dir)
+@pytest.mark.parametrize("head", ["set", "dense"])
+def test_forward_backward_frozen_backbone(unet_dir, head) -> None:
+    adapter = _adapter(unet_dir, head=head)
     before = {k: v.clone() for k, v in adapter.encoder.backbone.state_dict().items()}
     terms = adapter.loss(_batch())
     assert torch.isfinite(terms["loss"]) and terms["loss"] > 0
@@ -94,10 +96,11 @@ def test_forward_backward_frozen_backbone(unet_dir) -> None:
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in adapter.head.parameters()}
 
 
-def test_adapter_learns_and_predicts_from_taps(unet_dir) -> None:
+@pytest.mark.parametrize("head", ["set", "dense"])
+def test_adapter_learns_and_predicts_from_taps(unet_dir, head) -> None:
     from difffeat.data.coco import SceneDetection
 
-    adapter = _adapter(unet_dir, lr=3e-3)
+    adapter = _adapter(unet_dir, lr=3e-3, head=head)
     data = SceneDetection(4, size=32, classes=[0, 1, 2])
     losses = fit_adapter(adapter, data, steps=60, batch_size=4, progress=False)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -115,6 +118,8 @@ def test_adapter_learns_and_predicts_from_taps(unet_dir) -> None:
 def test_adapter_bad_categories(unet_dir) -> None:
     with pytest.raises(ValueError, match="distinct"):
         DetectionAdapter(str(unet_dir), ["mid_block"], 20, ["a", "a"])
+    with pytest.raises(KeyError, match="valid"):
+        DetectionAdapter(str(unet_dir), ["mid_block"], 20, ["a"], head="yolo")
 
 
 def test_config_fast_dev_run(unet_dir, tmp_path) -> None:
