@@ -369,7 +369,8 @@ def write_report(opts: argparse.Namespace, alpha: float, rec: dict, gen: dict, f
 Written by `{cmd}` (rerun it to reproduce; seeds {opts.seeds}; MAE encoder {opts.mae_steps} steps of
 batch {opts.mae_batch}, trained once with seed 0 and shared; decoders {opts.decoder_steps} steps, DiTs
 {opts.dit_steps} steps (latent arms), batch {opts.batch}; {opts.samples} samples, {opts.sample_steps} Euler
-steps; EMA weights). Mean ± std over training seeds.
+steps; EMA weights). Mean ± std over training seeds. Runs found in `--runs` are reused, not retrained;
+their training seconds are the ones recorded when they were trained, and the phase times below exclude them.
 
 Encoder: MAE-config `AutoencoderRAE` (width 128, patch 2, 2 layers, final LayerNorm without affine), MAE
 objective on the 1,257 training digits without labels. Latent `128 × 8 × 8`, per-element normalisation,
