@@ -187,12 +187,43 @@ def step_flops(backbone: Backbone, branch: int) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def run_mode(backbone: Backbone, mode: str, opts: argparse.Namespace, flop_ratio: float) -> list[Arm]:
+@dataclass
+class StepCost:
+    """CPU seconds of one full and one cached U-Net call at the benchmark's batch, alternated ``pairs`` times."""
+
+    full: list[float]
+    cached: list[float]
+
+    @property
+    def ratio(self) -> float:
+        """A cached call's cost in full calls: the ratio of the fastest of each (the least disturbed)."""
+        return min(self.cached) / min(self.full)
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(self.cached) / statistics.median(self.full)
+
+
+@torch.inference_mode()
+def step_cost(backbone: Backbone, branch: int, batch: int, pairs: int) -> StepCost:
+    """Times full and cached U-Net calls alternately (after a warm-up pair), on the same input."""
+    x = torch.randn(batch, backbone.latent_channels, backbone.latent_size, backbone.latent_size,
+                    generator=torch.Generator().manual_seed(0))
+    t = torch.full((batch,), 500)
+    times: list[float] = []
+    with DeepCache(interval=2, branch=branch).attach(backbone):
+        for _ in range(2 * (pairs + 1)):  # calls alternate full, cached, full, …
+            began = time.process_time()
+            backbone(x, t)
+            times.append(time.process_time() - began)
+    return StepCost(times[2::2], times[3::2])
+
+
+def run_mode(backbone: Backbone, mode: str, opts: argparse.Namespace, ratio: float) -> list[Arm]:
     """All arms of one mode, interleaved over the repeats; the equal-compute baselines sized after repeat 1.
 
-    The fewer-step arms bracket each cached arm's cost in steps, estimated two ways: its measured time over
-    the uncached time per step, and its full steps plus its cached steps times ``flop_ratio`` (a cached
-    step's FLOPs over a full one's).
+    The fewer-step arms bracket each cached arm's cost in full steps, ``full + cached · ratio`` (``ratio``: a
+    cached call's cost in full calls, :func:`step_cost`), and its cost estimated from its measured time.
     """
     def cache(interval: int) -> DeepCache:
         return DeepCache(interval, branch=opts.branch, schedule=opts.schedule)
@@ -217,7 +248,7 @@ def run_mode(backbone: Backbone, mode: str, opts: argparse.Namespace, flop_ratio
             counts = set()
             for arm in main[2:]:
                 full, cached = arm.per_image()
-                estimates = (steps * statistics.median(arm.loop_s) / ref, full + cached * flop_ratio)
+                estimates = (steps * statistics.median(arm.loop_s) / ref, full + cached * ratio)
                 counts |= {max(1, math.floor(min(estimates))), max(1, min(steps - 1, math.ceil(max(estimates))))}
             baselines += [Arm(f"{k} steps", k) for k in sorted(counts)]
             for arm in baselines:
@@ -253,7 +284,7 @@ def fit_cost(arms: list[Arm], flop_ratio: float) -> tuple[float, str]:
     if a <= 0 or b <= 0:
         return flop_ratio, f"the FLOP ratio (the fit of the times was degenerate: a={a:.4f}, b={b:.4f})"
     return b / a, (f"fitted to all {len(arms)} arms' CPU times: full step {a * 1e3:.1f} ms, cached step "
-                   f"{b * 1e3:.1f} ms per image (FLOP ratio {flop_ratio:.3f})")
+                   f"{b * 1e3:.1f} ms per image; FLOP ratio {flop_ratio:.3f}")
 
 
 def _interpolate(x: float, points: list[tuple[float, float, Arm]]) -> tuple[float, Arm, Arm] | None:
@@ -270,7 +301,7 @@ def _interpolate(x: float, points: list[tuple[float, float, Arm]]) -> tuple[floa
 def verdict(arm: Arm, psnrs: dict[str, torch.Tensor], baselines: list[Arm], ratio: float) -> tuple[str, bool]:
     """Whether a cached arm beats the fewer-step sampler at its cost; the line and whether it wins.
 
-    The cached arm costs ``k = full + cached · ratio`` full steps (``ratio`` from :func:`fit_cost`); the
+    The cached arm costs ``k = full + cached · ratio`` full steps (``ratio`` from :func:`step_cost`); the
     fewer-step sampler's PSNR at ``k`` steps is interpolated between the measured step counts around ``k``
     (PSNR against step count has no timing noise). As a cross-check the same is done on the arms' measured
     times directly.
@@ -299,7 +330,8 @@ def verdict(arm: Arm, psnrs: dict[str, torch.Tensor], baselines: list[Arm], rati
 
 
 def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, trained: bool,
-           opts: argparse.Namespace, flops: tuple[int, int], elapsed: float, command: str) -> tuple[str, list[str]]:
+           opts: argparse.Namespace, flops: tuple[int, int], cost: StepCost, elapsed: float, command: str
+           ) -> tuple[str, list[str]]:
     """The results markdown and the verdict lines."""
     full_flops, cached_flops = flops
     skips = skip_connections(backbone)
@@ -326,13 +358,16 @@ def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, tr
         f"{opts.batch_size}, seed {opts.seed}: every arm sees the same scenes and noise.",
         "Equal-compute baseline: the uncached sampler with the step counts around each cached arm's cost. A "
         "cached arm's cost in full steps is its full steps plus its cached steps times the cost of a cached step "
-        "(fitted to all arms' CPU times, below each table); the fewer-step sampler's PSNR at that many steps is "
-        "interpolated between the measured step counts (PSNR against steps has no timing noise), and checked "
-        "against the same interpolation on the measured times.",
+        "(measured alone, below); the fewer-step sampler's PSNR at that many steps is interpolated between the "
+        "measured step counts (PSNR against steps has no timing noise), and checked against the same "
+        "interpolation on the arms' measured times.",
         f"Cache: schedule `{opts.schedule}`, branch {opts.branch} (skip connection `{skips[opts.branch].producer}` → "
         f"`{skips[opts.branch].consumer}`; a cached step skips {', '.join(f'`{m}`' for m in skipped)}). "
         f"FLOPs of one step at batch 1: full {full_flops / 1e9:.3f} GFLOP, cached {cached_flops / 1e9:.3f} GFLOP "
-        f"({full_flops / cached_flops:.2f}× fewer).",
+        f"({full_flops / cached_flops:.2f}× fewer). CPU time of one call at batch {opts.batch_size}, full and cached "
+        f"alternated {len(cost.full)} times: full {min(cost.full) * 1e3:.0f} ms, cached {min(cost.cached) * 1e3:.0f} "
+        f"ms (fastest of each), so a cached step costs **{cost.ratio:.3f} full steps** (medians: "
+        f"{cost.median_ratio:.3f}).",
         "",
         "PSNR: per image, to the uncached full-step images, `[-1, 1]` range; mean (min) over the images. "
         "Speed-up: uncached time / arm time, loop = the denoising loop, end to end = seed scene or noise, "
@@ -362,12 +397,13 @@ def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, tr
             lines.append(f"| {arm.name} | {arm.steps} | {calls} | {loop:.3f} | {ref_loop / loop:.2f}× | {total:.3f} | "
                          f"{ref_total / total:.2f}× | {wall:.3f} | {ref_wall / wall:.2f}× | {mean} | {low} |")
         lines.append("")
-        ratio, how = fit_cost(arms, flop_ratio)
-        lines += [f"Cost of a cached step: {ratio:.3f} full steps, {how}.", ""]
+        fitted, how = fit_cost(arms, flop_ratio)
+        lines += [f"Cross-check of the cost of a cached step: {fitted:.3f} full steps {how}; measured alone: "
+                  f"{cost.ratio:.3f}.", ""]
         baselines = [a for a in arms if a.cache is None and a is not ref]
         for arm in arms[2:]:
             if arm.cache is not None:
-                line, won = verdict(arm, psnrs, baselines, ratio)
+                line, won = verdict(arm, psnrs, baselines, cost.ratio)
                 verdicts.append(f"- {mode}, {arm.name[6:]}: {line}")
                 wins += won
     lines += ["## Verdict: cache vs the same sampler with fewer steps at equal compute", "", *verdicts, ""]
@@ -387,7 +423,7 @@ def report(results: dict[str, list[Arm]], backbone: Backbone, described: str, tr
     return "\n".join(lines), verdicts
 
 
-def figure(results: dict[str, list[Arm]], opts: argparse.Namespace, flops: tuple[int, int]) -> bytes:
+def figure(results: dict[str, list[Arm]], opts: argparse.Namespace, ratio: float) -> bytes:
     """PSNR against cost per mode (cache and fewer-step arms), and the first image of each arm."""
     import matplotlib
 
@@ -402,8 +438,6 @@ def figure(results: dict[str, list[Arm]], opts: argparse.Namespace, flops: tuple
     for m, (mode, arms) in enumerate(results.items()):
         ax = fig.add_subplot(grid[0, m * per_plot:(m + 1) * per_plot])
         ref = arms[0]
-        full_flops, cached_flops = flops
-        ratio, _ = fit_cost(arms, cached_flops / full_flops)
         for kind, style, label in (("cache", "o-", "DeepCache N"), ("steps", "s--", "fewer steps")):
             pts = []
             for arm in arms[2:]:
@@ -415,7 +449,7 @@ def figure(results: dict[str, list[Arm]], opts: argparse.Namespace, flops: tuple
             for x, y, name in pts:
                 ax.annotate(name.replace("cache ", "").replace(" steps", ""), (x, y), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)
-        ax.set(xlabel=f"cost in full U-Net steps (a cached step = {ratio:.3f}, fitted to CPU time)",
+        ax.set(xlabel=f"cost in full U-Net steps (a cached step = {ratio:.3f}, measured)",
                ylabel="PSNR to uncached, dB", title=mode)
         ax.legend(fontsize=8)
         for j, arm in enumerate(arms):
@@ -450,6 +484,7 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--cost-pairs", type=int, default=10, help="alternated full/cached calls timed alone")
     parser.add_argument("--out", type=Path, default=RESULTS)
     opts = parser.parse_args(args)
     if not 0 < opts.strength <= 1:
@@ -468,11 +503,13 @@ def main(args: list[str] | None = None) -> None:
         parser.error("the benchmark's img2img grid is a DDPM one; give a DDPM-trained backbone")
     print(f"backbone: {described}")
     flops = step_flops(backbone, opts.branch)
-    results = {mode: run_mode(backbone, mode, opts, flops[1] / flops[0]) for mode in opts.modes}
+    cost = step_cost(backbone, opts.branch, min(opts.batch_size, opts.images), opts.cost_pairs)
+    print(f"a cached step costs {cost.ratio:.3f} full steps (FLOPs: {flops[1] / flops[0]:.3f})")
+    results = {mode: run_mode(backbone, mode, opts, cost.ratio) for mode in opts.modes}
     elapsed = time.perf_counter() - began
-    text, verdicts = report(results, backbone, described, trained, opts, flops, elapsed, command)
+    text, verdicts = report(results, backbone, described, trained, opts, flops, cost, elapsed, command)
     opts.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(opts.out / "bench_synthesis.png", figure(results, opts, flops))
+    atomic_write(opts.out / "bench_synthesis.png", figure(results, opts, cost.ratio))
     atomic_write(opts.out / "bench_synthesis.md", text.encode())
     print("\n".join(verdicts))
     print(f"wrote {opts.out / 'bench_synthesis.md'} and .png in {elapsed:.0f} s")
