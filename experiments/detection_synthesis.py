@@ -85,6 +85,8 @@ def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path) ->
 
     init = yaml.safe_load((ROOT / "configs" / "detection_adapter.yaml").read_text())["model"]["init_args"]
     init["backbone"] = backbone
+    if args.head is not None:
+        init["head"] = args.head
     train = CocoDetection(real)
     if init["categories"] != train.categories:
         raise ValueError(f"the adapter config's categories {init['categories']} differ from {real}'s "
@@ -107,7 +109,8 @@ def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path) ->
         preds += [{k: v.cpu() for k, v in p.items()} for p in adapter.predict(images, score_threshold=0.0)]
     adapter._features = {}  # test features are not needed again
     scores = evaluate_map(preds, test)
-    info = {"steps": args.adapter_steps, "seconds": seconds, "first_loss": float(np.mean(losses[:20])),
+    info = {"head": init.get("head", "set"), "steps": args.adapter_steps, "seconds": seconds,
+            "first_loss": float(np.mean(losses[:20])),
             "last_loss": float(np.mean(losses[-20:])), "test_map": scores["map"], "test_map_50": scores["map_50"],
             "backbone": backbone}
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,8 @@ def _report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, A
              f"(64 px, classes {names}); detectors trained from scratch"
              f" for {args.detector_steps} steps of 8 images on every condition; seeds "
              f"{list(range(args.seeds))}. Backbone: `{adapter_info['backbone']}`.", "",
-             f"Adapter: {adapter_info['steps']} steps in {adapter_info['seconds']:.0f} s, loss "
+             f"Adapter ({adapter_info.get('head', 'set')} head): {adapter_info['steps']} steps in "
+             f"{adapter_info['seconds']:.0f} s, loss "
              f"{adapter_info['first_loss']:.3f} → {adapter_info['last_loss']:.3f}; its own mAP on the test set "
              f"{100 * adapter_info['test_map']:.1f} (mAP@.5 {100 * adapter_info['test_map_50']:.1f}).", "",
              f"Synthesis: {synth_info['images']} images, {synth_info['boxes']} boxes "
@@ -270,6 +274,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of a full-strength pass")
     parser.add_argument("--adapter-steps", type=int, default=1500)
     parser.add_argument("--detector-steps", type=int, default=1000)
+    parser.add_argument("--head", default=None, choices=["set", "dense"],
+                        help="adapter head (default: the config's, the reference's DETR-like set head)")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="feature cache class path (e.g. difffeat.cache.X)")
@@ -297,7 +303,8 @@ def main(argv: list[str] | None = None) -> str:
         backbone = str(ROOT / backbone)
     start = time.perf_counter()
     _claim_work_dir(work, {**{k: getattr(args, k) for k in ("real", "test", "synth", "steps", "adapter_steps",
-                                                            "detector_steps", "score_threshold", "seed")},
+                                                            "detector_steps", "score_threshold", "seed",
+                                                            "head")},
                            "backbone": backbone})
     classes = [0, 1, 2, 3, 4]
     for split, n, seed, offset in (("real", args.real, args.seed, 0), ("test", args.test, args.seed + 1000, 0)):
