@@ -160,7 +160,7 @@ def _mmdet_available() -> str | None:
         import mmdet  # noqa: F401
         from mmcv.ops import nms  # noqa: F401
     except Exception as err:
-        return f"{type(err).__name__}: {err}"
+        return f"mmdet cannot be imported ({type(err).__name__}: {err})"
     return None
 
 
@@ -232,7 +232,7 @@ def _report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, A
             lines.append(f"| {framework} | {condition} | {m:.2f} ± {s:.2f} | {m50:.2f} ± {s50:.2f} | "
                          f"{', '.join(f'{v:.2f}' for v in vals)} | {secs:.0f} s |")
     if mmdet_reason:
-        lines += ["", f"mmdet rows not run: mmdet cannot be imported ({mmdet_reason})."]
+        lines += ["", f"mmdet rows not run: {mmdet_reason}."]
     tv = runs.get("torchvision FCOS (torchmetrics)", {})
     gaps = [abs(100 * (r["map"] - r["mmdet_metric_map"])) for rows in tv.values() for r in rows
             if "mmdet_metric_map" in r]
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> str:
         cache_info = _json_cached(work / f"synth_cached_{tag}_info.json", lambda: synthesize(
             adapter, work / "real", cached_dir, args.synth, steps=args.steps,
             score_threshold=args.score_threshold, seed=args.seed, cache=cache))
-    mmdet_reason = "skipped (--no-mmdet)" if args.no_mmdet else _mmdet_available()
+    mmdet_reason = "skipped by --no-mmdet" if args.no_mmdet else _mmdet_available()
     data = {"real": [work / "real"], "real+synth": [work / "real", work / "synth"], "synth": [work / "synth"]}
     if cache_info is not None:
         data["real+synth (cached synthesis)"] = [work / "real", cached_dir]
