@@ -38,6 +38,8 @@ Following *Diffusion Transformers with Representation Autoencoders* (Zheng et al
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import shutil
@@ -966,6 +968,12 @@ def load_rae(checkpoint: str | Path | None = None) -> RAE:
     """
     if checkpoint is not None:
         return RAE.from_pretrained(checkpoint)
+    return copy.deepcopy(_stand_in())  # a copy: a decoder module trains its own
+
+
+@functools.cache
+def _stand_in() -> RAE:
+    """The random-encoder digits RAE, built once per process (its statistics need a pass over the digits)."""
     from difffeat.data import load_digits_split
 
     rae = RAE(digits_autoencoder(seed=0), image_channels=1)

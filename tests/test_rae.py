@@ -141,6 +141,18 @@ def test_timm_encoder_non_square_grid():
     assert tokens.shape[1] == 1 + 24
 
 
+def test_timm_teacher_weights_load_into_the_encoder():
+    import timm
+
+    kwargs = {"img_size": (16, 24), "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    teacher = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kwargs)
+    rae = tiny_timm_rae((16, 24))
+    rae.autoencoder.load_encoder_state_dict(teacher.state_dict())  # its norm affine and class head are dropped
+    assert torch.equal(rae.autoencoder.encoder.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
+    with pytest.raises(KeyError, match="missing"):
+        rae.autoencoder.load_encoder_state_dict({"blocks.0.attn.qkv.weight": teacher.blocks[0].attn.qkv.weight})
+
+
 def test_tokens_not_filling_the_grid_are_refused():
     with pytest.raises(ValueError, match="square grid"):
         tokens_to_grid(torch.zeros(1, 15, 4))
