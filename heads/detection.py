@@ -17,10 +17,14 @@ set-prediction head:
 Changed for CPU scale, with the reason: 20 queries, width 64, 2 decoder layers, no encoder layers (64-px
 scenes hold at most a handful of objects; the reference uses 300 queries and a deformable encoder); the
 positions are added to the memory once instead of to the keys of every layer (PyTorch's decoder layer
-takes no separate key positions); no dropout (tiny data, short schedules). The dense alternative the
-reference allows (FCOS-like) is not provided: the set head is the reference's choice, and how well it does
-on a few labelled scenes is measured, not assumed (``experiments/detection_synthesis.py`` reports the
-adapter's own mAP on held-out real scenes).
+takes no separate key positions); no dropout (tiny data, short schedules).
+
+``head="dense"`` swaps in an FCOS-like one-stage head (:class:`DenseDetectionHead`: torchvision's
+``FCOSHead`` with its own matching, losses and decoding) on the same mapped levels. A dense head shares
+its weights over locations and matches by position, which needs fewer labelled images than learning
+object queries from scratch; at this scale that may matter more than set prediction's freedom from NMS.
+The set head stays the default (the reference's choice); ``experiments/detection_synthesis.py --head``
+picks either and reports the adapter's own mAP on held-out real scenes, so the choice is measured.
 
 Features are a pure function of the image (content-seeded noise), so the module memoises them per image
 (``cache_features``): after the first epoch over a few labelled images no backbone forward is needed.
