@@ -249,7 +249,8 @@ def run_mode(backbone: Backbone, mode: str, opts: argparse.Namespace, ratio: flo
             for arm in main[2:]:
                 full, cached = arm.per_image()
                 estimates = (steps * statistics.median(arm.loop_s) / ref, full + cached * ratio)
-                counts |= {max(1, math.floor(min(estimates))), max(1, min(steps - 1, math.ceil(max(estimates))))}
+                low, high = max(1, math.floor(min(estimates))), max(1, min(steps - 1, math.ceil(max(estimates))))
+                counts |= set(range(low, high + 1))
             baselines += [Arm(f"{k} steps", k) for k in sorted(counts)]
             for arm in baselines:
                 arm.images = synthesize(backbone, mode, arm, opts.images, opts.batch_size, opts.seed, opts.strength)
