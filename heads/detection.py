@@ -596,7 +596,8 @@ def fit_adapter(adapter: DetectionAdapter, dataset: Any, steps: int, batch_size:
 
 def synthesize_from_checkpoint(checkpoint: str | Path, seeds: str | Path, out: str | Path, num_images: int,
                                steps: int = 25, strength: tuple[float, float] = (0.4, 0.8),
-                               score_threshold: float = 0.3, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                               score_threshold: float = 0.3, seed: int = 0, cache_interval: int = 1,
+                               cache_branch: int = 0, progress: bool = True) -> dict[str, Any]:
     """``difffeat synthesize``: a trained adapter checkpoint, a seed COCO folder → a synthesized COCO folder.
 
     Args:
@@ -608,6 +609,9 @@ def synthesize_from_checkpoint(checkpoint: str | Path, seeds: str | Path, out: s
         strength: range strengths are drawn from.
         score_threshold: lowest kept box score.
         seed: synthesis seed.
+        cache_interval: DeepCache's ``N`` (one full U-Net step in ``N``; 1 = no cache). The last step of each
+            pass always runs in full (``last_full``), so the adapter reads that step's own features.
+        cache_branch: DeepCache's skip branch (see :class:`difffeat.cache.DeepCache`).
         progress: show a progress bar.
 
     Returns:
@@ -615,6 +619,11 @@ def synthesize_from_checkpoint(checkpoint: str | Path, seeds: str | Path, out: s
     """
     from difffeat.synthesize import synthesize
 
+    cache = None
+    if cache_interval > 1:
+        from difffeat.cache import DeepCache
+
+        cache = DeepCache(interval=cache_interval, branch=cache_branch, steps=steps, last_full=True)
     adapter = DetectionAdapter.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True).eval()
     return synthesize(adapter, seeds, out, num_images, steps=steps, strength=strength,
-                      score_threshold=score_threshold, seed=seed, progress=progress)
+                      score_threshold=score_threshold, seed=seed, cache=cache, progress=progress)

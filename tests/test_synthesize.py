@@ -218,6 +218,10 @@ def test_synthesize_from_a_lightning_checkpoint(setup, tmp_path) -> None:
                         progress=False)
     assert loaded["boxes"] == direct["boxes"] > 0
     assert _folder_bytes(tmp_path / "loaded") == _folder_bytes(tmp_path / "direct")
+    cached = synthesize_from_checkpoint(tmp_path / "adapter.ckpt", setup["seeds"], tmp_path / "cached", 2, steps=3,
+                                        score_threshold=0.0, cache_interval=2, progress=False)
+    assert cached["images"] == 2
+    assert json.loads((tmp_path / "cached" / SETTINGS).read_text())["cache"]["interval"] == 2
 
 
 def test_deepcache_interval_one_equals_no_cache(setup, tmp_path) -> None:
