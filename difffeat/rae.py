@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from difffeat.digest import tensor_digest
 from difffeat.store import atomic_write
-from difffeat.train import LAYOUT, DiffusionModule, _swap_in, save_pipeline
+from difffeat.train import DiffusionModule, _swap_in, save_pipeline
 
 __all__ = [
     "BASE_DIM",
@@ -100,8 +100,6 @@ NORM_MODES = ("element", "channel")
 _STD_EPS = 1e-5
 #: autoencoder classes a folder may name in ``config.json``
 _AUTOENCODERS: dict[str, type[ModelMixin]] = {}
-# DiT^DH pipelines are written in save_pipeline's layout (component "transformer")
-LAYOUT.setdefault("DiTDHTransformer2DModel", ("transformer", "DiffusionPipeline"))
 
 
 # ----------------------------------------------------------------------------- dimension-dependent shift
@@ -910,20 +908,9 @@ def sample_latents(backbone: nn.Module, n: int, steps: int = 25, seed: int = 0, 
     Returns:
         ``(n, C, h, w)`` float32 latents on the CPU.
     """
-    from difffeat.sample import sampling_scheduler
+    from difffeat.sample import sample
 
-    param = next(backbone.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    shape = (backbone.latent_channels, backbone.latent_size, backbone.latent_size)
-    out = []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling"):
-        x = torch.randn((min(batch_size, n - start), *shape), generator=gen).to(param)
-        scheduler, model_timesteps, step_timesteps = sampling_scheduler(backbone.schedule, steps)
-        for t_model, t_step in zip(model_timesteps, step_timesteps, strict=True):
-            t = torch.full((len(x),), t_model.item(), device=x.device, dtype=model_timesteps.dtype)
-            x = scheduler.step(backbone(x, t)[:, : shape[0]], t_step, x).prev_sample
-        out.append(x.float().cpu())
-    return torch.cat(out)
+    return sample(backbone, n, steps, seed, batch_size, progress, clamp=False)
 
 
 class RAEDiffusionModule(DiffusionModule):

@@ -79,7 +79,7 @@ def sampling_scheduler(schedule: NoiseSchedule, steps: int) -> tuple[Any, torch.
 
 @torch.inference_mode()
 def sample(backbone: Backbone, n: int, steps: int = 50, seed: int = 0, batch_size: int = 256,
-           progress: bool = False, cache: DeepCache | None = None) -> torch.Tensor:
+           progress: bool = False, cache: DeepCache | None = None, clamp: bool = True) -> torch.Tensor:
     """Draws ``n`` unconditional samples from ``backbone`` with a deterministic sampler.
 
     Args:
@@ -91,9 +91,10 @@ def sample(backbone: Backbone, n: int, steps: int = 50, seed: int = 0, batch_siz
         progress: show a progress bar.
         cache: an optional :class:`~difffeat.cache.DeepCache`, attached to the backbone's U-Net for the run
             and reset before each batch (interval 1 gives the uncached samples bit for bit).
+        clamp: clamp the samples to the image range ``[-1, 1]`` (``False`` for latents, which have none).
 
     Returns:
-        ``(n, C, H, W)`` float32 samples on the CPU, clamped to ``[-1, 1]``.
+        ``(n, C, H, W)`` float32 samples on the CPU, clamped to ``[-1, 1]`` unless ``clamp`` is off.
 
     Raises:
         ValueError: ``steps < 1`` or an unknown prediction type (see :func:`sampling_scheduler`).
@@ -115,5 +116,5 @@ def sample(backbone: Backbone, n: int, steps: int = 50, seed: int = 0, batch_siz
                 t = torch.full((len(x),), t_model.item(), device=x.device, dtype=model_timesteps.dtype)
                 pred = backbone(x, t)[:, :c]  # a DiT that also predicts its variance: the mean channels
                 x = scheduler.step(pred, t_step, x).prev_sample
-            out.append(x.clamp(-1, 1).float().cpu())
+            out.append((x.clamp(-1, 1) if clamp else x).float().cpu())
     return torch.cat(out)

@@ -51,9 +51,11 @@ SCHEDULERS = {
 }
 #: pipeline folder layout per denoiser class: (component name, pipeline class written to model_index.json)
 #: (a pixel-space ``UNet2DConditionModel`` has no diffusers pipeline of its own: its folder is written with the
-#: generic ``DiffusionPipeline`` name and loads through :func:`~difffeat.backbones.create_backbone`)
+#: generic ``DiffusionPipeline`` name and loads through :func:`~difffeat.backbones.create_backbone`; so does the
+#: wide-head DiT of :mod:`difffeat.backbones.rae`)
 LAYOUT = {"UNet2DModel": ("unet", "DDPMPipeline"), "DiTTransformer2DModel": ("transformer", "DiTPipeline"),
-          "UNet2DConditionModel": ("unet", "DiffusionPipeline")}
+          "UNet2DConditionModel": ("unet", "DiffusionPipeline"),
+          "DiTDHTransformer2DModel": ("transformer", "DiffusionPipeline")}
 
 
 def noised_batch(module: DiffusionModule, x0: torch.Tensor, generator: torch.Generator | None = None
