@@ -10,6 +10,10 @@
   image of a folder from a trained DIS segmenter (:func:`heads.dis.predict_folder`, all or nothing).
 * ``difffeat standardize-ct --checkpoint EXPORT --input_dir DIR --output_dir DIR``: a folder of CT DICOM slices
   (one series) to a new, standardized DICOM series (:func:`heads.ct.standardize_folder`, all or nothing).
+* ``difffeat synthesize --checkpoint ADAPTER.ckpt --seeds COCO_DIR --out DIR --num_images N``: img2img images
+  with the adapter's boxes, as a COCO folder validated by pycocotools (:func:`difffeat.synthesize.synthesize`;
+  seeded, resumable).
+* ``difffeat export-scenes --out_dir DIR --length N``: labelled generated scenes as a COCO folder (seed data).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from difffeat.predict import ExtractionModule, extract_to_store
 
-__all__ = ["backbones", "dis_module_classes", "extract", "families_table", "main", "predict_masks", "probe",
-           "standardize_ct", "taps_table"]
+__all__ = ["backbones", "dis_module_classes", "export_scenes", "extract", "families_table", "main", "predict_masks",
+           "probe", "standardize_ct", "synthesize", "taps_table"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -217,12 +221,60 @@ def standardize_ct(checkpoint: str, input_dir: str, output_dir: str, size: int |
     print(f"wrote {len(written)} standardized slices to {output_dir}")
 
 
+def synthesize(checkpoint: str, seeds: str, out: str, num_images: int, steps: int = 25,
+               strength: tuple[float, float] = (0.4, 0.8), score_threshold: float = 0.3, seed: int = 0,
+               cache_interval: int = 1, cache_branch: int = 0) -> None:
+    """Synthesizes a detection dataset (images + boxes, COCO) from a trained detection adapter.
+
+    Args:
+        checkpoint: a ``difffeat fit`` checkpoint of :class:`heads.detection.DetectionAdapter`.
+        seeds: the labelled seed COCO folder (its categories name the output's).
+        out: output folder (resumed when it holds a run of the same settings, refused otherwise).
+        num_images: images to synthesize.
+        steps: denoising steps of a full-strength pass.
+        strength: the range each image's img2img strength is drawn from.
+        score_threshold: lowest kept box score.
+        seed: synthesis seed (the same seed gives the same dataset).
+        cache_interval: DeepCache interval ``N`` (1: no feature cache).
+        cache_branch: DeepCache skip branch.
+    """
+    from heads.detection import synthesize_from_checkpoint
+
+    summary = synthesize_from_checkpoint(checkpoint, seeds, out, num_images, steps=steps, strength=tuple(strength),
+                                         score_threshold=score_threshold, seed=seed, cache_interval=cache_interval,
+                                         cache_branch=cache_branch)
+    print(f"{out}: {summary['images']} images, {summary['boxes']} boxes")
+
+
+def export_scenes(out_dir: str, length: int, size: int = 64, seed: int = 0, classes: list[int] | None = None,
+                  max_objects: int = 4, min_objects: int = 1, offset: int = 0, overwrite: bool = False) -> None:
+    """Writes labelled generated scenes as a COCO folder (see :func:`difffeat.data.coco.export_scenes`).
+
+    Args:
+        out_dir: the COCO folder to create.
+        length: number of scenes.
+        size: scene side in pixels.
+        seed: scene seed.
+        classes: scene class ids (default all).
+        max_objects: at most this many objects per scene.
+        min_objects: at least this many visible objects.
+        offset: first scene index.
+        overwrite: replace an existing ``out_dir``.
+    """
+    from difffeat.data.coco import export_scenes as export
+
+    export(out_dir, length, size=size, seed=seed, classes=classes, max_objects=max_objects,
+           min_objects=min_objects, offset=offset, overwrite=overwrite)
+    print(f"wrote {length} scenes to {out_dir}")
+
+
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of the ``difffeat`` command (``args`` defaults to ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("extract", "probe", "backbones", "predict-masks", "standardize-ct"):
-        argv[0] = argv[0].replace("-", "_")  # the functions predict_masks, standardize_ct
-        return CLI([extract, probe, backbones, predict_masks, standardize_ct], args=argv, as_positional=False)
+    commands = [extract, probe, backbones, predict_masks, standardize_ct, synthesize, export_scenes]
+    if argv and argv[0].replace("-", "_") in {c.__name__ for c in commands}:
+        argv[0] = argv[0].replace("-", "_")  # `predict-masks` is the function predict_masks
+        return CLI(commands, args=argv, as_positional=False)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         if not argv:

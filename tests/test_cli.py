@@ -182,3 +182,12 @@ def test_predict_masks_refuses_other_classes_and_mismatched_weights(tmp_path: Pa
         main(["predict-masks", "--checkpoint", str(tmp_path / "nohp.ckpt"), "--model_config", str(config), "--images",
               str(tmp_path / "im"), "--out", str(tmp_path / "pred")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.ckpt", "im", "nohp.ckpt"]  # nothing written
+
+
+def test_export_scenes_writes_a_coco_folder(tmp_path: Path, capsys) -> None:
+    from pycocotools.coco import COCO
+
+    main(["export-scenes", "--out_dir", str(tmp_path / "coco"), "--length", "3", "--size", "32"])
+    assert "wrote 3 scenes" in capsys.readouterr().out
+    jsons = list((tmp_path / "coco").glob("*.json"))
+    assert len(jsons) == 1 and len(COCO(str(jsons[0])).getImgIds()) == 3

@@ -218,6 +218,11 @@ def test_synthesize_from_a_lightning_checkpoint(setup, tmp_path) -> None:
                         progress=False)
     assert loaded["boxes"] == direct["boxes"] > 0
     assert _folder_bytes(tmp_path / "loaded") == _folder_bytes(tmp_path / "direct")
+    from difffeat.cli import main
+
+    main(["synthesize", "--checkpoint", str(tmp_path / "adapter.ckpt"), "--seeds", str(setup["seeds"]), "--out",
+          str(tmp_path / "cli"), "--num_images", "2", "--steps", "3", "--score_threshold", "0.0"])
+    assert _folder_bytes(tmp_path / "cli") == _folder_bytes(tmp_path / "direct")
     cached = synthesize_from_checkpoint(tmp_path / "adapter.ckpt", setup["seeds"], tmp_path / "cached", 2, steps=3,
                                         score_threshold=0.0, cache_interval=2, progress=False)
     assert cached["images"] == 2
