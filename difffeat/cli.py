@@ -14,6 +14,8 @@
   with the adapter's boxes, as a COCO folder validated by pycocotools (:func:`difffeat.synthesize.synthesize`;
   seeded, resumable).
 * ``difffeat export-scenes --out_dir DIR --length N``: labelled generated scenes as a COCO folder (seed data).
+* ``difffeat build-rae --folder DIR``: the digits representation autoencoder (MAE-pretrained encoder and latent
+  statistics; the decoder is trained next by ``configs/rae_decoder_digits.yaml``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from difffeat.predict import ExtractionModule, extract_to_store
 
-__all__ = ["backbones", "dis_module_classes", "export_scenes", "extract", "families_table", "main", "predict_masks",
-           "probe", "standardize_ct", "synthesize", "taps_table"]
+__all__ = ["backbones", "build_rae", "dis_module_classes", "export_scenes", "extract", "families_table", "main",
+           "predict_masks", "probe", "standardize_ct", "synthesize", "taps_table"]
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -268,10 +270,29 @@ def export_scenes(out_dir: str, length: int, size: int = 64, seed: int = 0, clas
     print(f"wrote {length} scenes to {out_dir}")
 
 
+def build_rae(folder: str = ".cache/difffeat/rae/digits-mae", mae_steps: int = 1500, decoder_steps: int = 0,
+              noise_tau: float = 0.8, norm_mode: str = "element", seed: int = 0) -> None:
+    """Builds the digits RAE (see :func:`difffeat.rae.build_digits_rae`) into ``folder``.
+
+    Args:
+        folder: destination (written atomically); ``configs/rae_decoder_digits.yaml`` reads the default.
+        mae_steps: MAE pretraining steps of the encoder on the digits training split (no labels).
+        decoder_steps: decoder training steps here (0: leave it to the decoder config).
+        noise_tau: ``τ`` of the decoder's noise augmentation.
+        norm_mode: ``"element"`` or ``"channel"`` latent statistics.
+        seed: seed of the encoder init and of the training.
+    """
+    from difffeat.rae import build_digits_rae
+
+    build_digits_rae(folder, mae_steps=mae_steps, decoder_steps=decoder_steps, noise_tau=noise_tau,
+                     norm_mode=norm_mode, seed=seed)
+    print(f"wrote the digits RAE to {folder}")
+
+
 def main(args: Sequence[str] | None = None) -> Any:
     """Entry point of the ``difffeat`` command (``args`` defaults to ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if args is None else args)
-    commands = [extract, probe, backbones, predict_masks, standardize_ct, synthesize, export_scenes]
+    commands = [extract, probe, backbones, predict_masks, standardize_ct, synthesize, export_scenes, build_rae]
     if argv and argv[0].replace("-", "_") in {c.__name__ for c in commands}:
         argv[0] = argv[0].replace("-", "_")  # `predict-masks` is the function predict_masks
         return CLI(commands, args=argv, as_positional=False)

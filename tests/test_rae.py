@@ -261,3 +261,13 @@ def test_bad_input_errors(tmp_path):
         load_autoencoder(tmp_path / "nothing")
     with pytest.raises(ValueError, match="mode"):
         LatentStats.fit(torch.zeros(4, 2, 2, 2), "x", mode="pixel")
+
+
+def test_build_rae_command_writes_a_loadable_rae(tmp_path) -> None:
+    from difffeat.cli import main
+    from difffeat.rae import RAE
+
+    main(["build-rae", "--folder", str(tmp_path / "rae"), "--mae_steps", "1"])
+    rae = RAE.from_pretrained(tmp_path / "rae")
+    z = rae.encode(torch.zeros(2, 1, 16, 16))
+    assert z.shape[0] == 2 and torch.isfinite(z).all()
