@@ -193,8 +193,33 @@ def group_scores(run: dict[str, Any], reference: np.ndarray, group: str, held_ou
     m = group_mask(run, group, held_out)
     ccc = concordance(np.asarray(run["features"], dtype=np.float64)[m], reference[m])
     finite = [v for v in ccc.values() if np.isfinite(v)]
+    between = inter_protocol_ccc(run, group, held_out)
+    finite_between = [v for v in between.values() if np.isfinite(v)]
     return {"psnr": float(np.mean(np.asarray(run["psnr"])[m])), "ssim": float(np.mean(np.asarray(run["ssim"])[m])),
-            "ccc": ccc, "ccc_mean": float(np.mean(finite)) if finite else float("nan")}
+            "ccc": ccc, "ccc_mean": float(np.mean(finite)) if finite else float("nan"),
+            "between": between, "between_mean": float(np.mean(finite_between)) if finite_between else float("nan")}
+
+
+def inter_protocol_ccc(run: dict[str, Any], group: str, held_out: int) -> dict[str, float]:
+    """Per-feature CCC *between protocols*: the same phantoms' features under two protocols, paired.
+
+    The test items are phantom-major (item ``i`` is phantom ``i // k`` under protocol ``i % k``). Seen group:
+    every pair of seen protocols; held-out group: the held-out protocol against each seen one. Per feature,
+    the mean CCC over the pairs (NaN pairs left out): 1 when the features no longer depend on the protocol.
+    """
+    from heads.ct_metrics import concordance
+
+    k = held_out + 1
+    feats = np.asarray(run["features"], dtype=np.float64)
+    feats = feats.reshape(len(feats) // k, k, feats.shape[1])
+    seen = range(held_out)
+    pairs = ([(p, q) for p in seen for q in seen if p < q] if group == GROUPS[0] else [(held_out, p) for p in seen])
+    per_pair = [concordance(feats[:, p], feats[:, q]) for p, q in pairs]
+    out = {}
+    for f in FEATURE_NAMES:
+        v = [c[f] for c in per_pair if np.isfinite(c[f])]
+        out[f] = float(np.mean(v)) if v else float("nan")
+    return out
 
 
 def reference_features(args: argparse.Namespace) -> np.ndarray:
@@ -217,8 +242,8 @@ def _ms(values: Sequence[float], digits: int = 3) -> str:
 
 def summary_table(scores: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     """Markdown: PSNR, SSIM and mean CCC per method and group, mean ± std over seeds."""
-    lines = ["| group | method | PSNR (dB) ↑ | SSIM ↑ | mean CCC over features ↑ | features with CCC above no-op |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| group | method | PSNR (dB) ↑ | SSIM ↑ | mean CCC with the standard ↑ | features with CCC above no-op "
+             "| mean CCC between protocols ↑ |", "|---|---|---|---|---|---|---|"]
     for group in GROUPS:
         base = scores["no-op"][group][0]["ccc"]  # the no-op is seed-free
         comparable = [f for f in FEATURE_NAMES if np.isfinite(base[f])]
@@ -229,15 +254,17 @@ def summary_table(scores: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
                 wins = [sum(bool(r["ccc"][f] > base[f]) for f in comparable) for r in runs]
                 above = f"{np.mean(wins):.1f} of {len(comparable)}"
             lines.append(f"| {group} | {label} | {_ms([r['psnr'] for r in runs], 2)} | "
-                         f"{_ms([r['ssim'] for r in runs])} | {_ms([r['ccc_mean'] for r in runs])} | {above} |")
+                         f"{_ms([r['ssim'] for r in runs])} | {_ms([r['ccc_mean'] for r in runs])} | {above} | "
+                         f"{_ms([r['between_mean'] for r in runs])} |")
     return "\n".join(lines)
 
 
-def feature_table(scores: dict[str, dict[str, list[dict[str, Any]]]], group: str) -> str:
-    """Markdown: every feature's CCC per method (mean ± std over seeds) for one group."""
+def feature_table(scores: dict[str, dict[str, list[dict[str, Any]]]], group: str, kind: str = "ccc") -> str:
+    """Markdown: every feature's CCC (``kind``: ``"ccc"`` with the standard, ``"between"`` protocols) per method
+    (mean ± std over seeds) for one group."""
     lines = ["| feature | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for f in FEATURE_NAMES:
-        lines.append(f"| `{f}` | " + " | ".join(_ms([r["ccc"][f] for r in scores[m][group]]) for m in METHODS)
+        lines.append(f"| `{f}` | " + " | ".join(_ms([r[kind][f] for r in scores[m][group]]) for m in METHODS)
                      + " |")
     return "\n".join(lines)
 
@@ -246,13 +273,15 @@ def verdicts(scores: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     """The claim per group and method, decided from the per-seed mean CCC (paired with the no-op)."""
     lines = []
     for group in GROUPS:
-        base = scores["no-op"][group][0]["ccc_mean"]
-        for label in METHODS[1:]:
-            gains = np.array([r["ccc_mean"] - base for r in scores[label][group]])
-            wins = int((gains > 0).sum())
-            verdict = ("supported" if wins == len(gains) else "not supported" if gains.mean() <= 0 else "mixed")
-            lines.append(f"- standardization raises mean feature CCC — {label} vs no-op, {group}: **{verdict}** "
-                         f"(change {gains.mean():+.3f} on average, higher in {wins} of {len(gains)} seeds)")
+        for key, what in (("ccc_mean", "CCC with the standard"), ("between_mean", "CCC between protocols")):
+            base = scores["no-op"][group][0][key]
+            for label in METHODS[1:]:
+                gains = np.array([r[key] - base for r in scores[label][group]])
+                wins = int((gains > 0).sum())
+                verdict = ("supported" if wins == len(gains) else "not supported" if gains.mean() <= 0 else "mixed")
+                lines.append(f"- standardization raises mean feature {what} — {label} vs no-op, {group}: "
+                             f"**{verdict}** (change {gains.mean():+.3f} on average, higher in {wins} of "
+                             f"{len(gains)} seeds)")
         two, uni = scores[METHODS[2]][group], scores[METHODS[1]][group]
         gains = np.array([a["ccc_mean"] - b["ccc_mean"] for a, b in zip(two, uni, strict=True)])
         lines.append(f"- two-stage vs direct U-Net, mean CCC, {group}: {gains.mean():+.3f} on average, higher in "
@@ -362,13 +391,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"steps, direct U-Net {args.stage1_steps + args.stage2_steps} steps, batch {args.batch_size}; seeds "
         f"{args.seeds} (no-op is seed-free: one run). Test: {args.test_phantoms} held-out phantoms (test seed, "
         f"the real slice CT_small.dcm first) under {protocols}; the last is the held-out protocol. PSNR / SSIM "
-        f"against the standard scan on the clipped 2048-HU range; CCC per feature between the method's outputs "
-        f"and the standard scans over the (phantom, protocol) pairs of each group; mean ± sample std over seeds. "
+        f"against the standard scan on the clipped 2048-HU range; *CCC with the standard*: per feature, between "
+        f"the method's outputs and the standard scans over the (phantom, protocol) pairs of each group; *CCC "
+        f"between protocols*: per feature, between the outputs of the same phantoms under two protocols, "
+        f"averaged over the protocol pairs (seen: every pair of seen protocols; held-out: the held-out one "
+        f"against each seen one); mean ± sample std over seeds. "
         f"CPU minutes in all: {total:.1f}.", "",
         "## Summary", "", summary_table(scores), "",
         "## Verdicts (computed from the per-seed numbers)", "", *verdicts(scores), "",
-        "## Per-feature CCC, seen protocols", "", feature_table(scores, GROUPS[0]), "",
-        "## Per-feature CCC, held-out protocol", "", feature_table(scores, GROUPS[1]), "",
+        "## Per-feature CCC with the standard, seen protocols", "", feature_table(scores, GROUPS[0]), "",
+        "## Per-feature CCC with the standard, held-out protocol", "", feature_table(scores, GROUPS[1]), "",
+        "## Per-feature CCC between protocols, seen protocols", "", feature_table(scores, GROUPS[0], "between"), "",
+        "## Per-feature CCC between protocols, held-out protocol", "", feature_table(scores, GROUPS[1], "between"),
+        "",
         "## Cost", "", cost_table(results), "",
         f"![examples](ct_standardization{suffix}.png)", ""])
     atomic_write(args.out / f"ct_standardization{suffix}.md", text.encode())
