@@ -407,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "## Cost", "", cost_table(results), "",
         f"![examples](ct_standardization{suffix}.png)", ""])
     atomic_write(args.out / f"ct_standardization{suffix}.md", text.encode())
+    if not args.smoke and args.out == RESULTS:
+        from experiments.probe_digits import write_readme_table
+
+        write_readme_table(summary_table(scores), marker="ct")
     print(text)
     return scores
 
