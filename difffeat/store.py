@@ -30,6 +30,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -107,6 +108,22 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_folder(tmp: str | Path, out: str | Path) -> None:
+    """Renames the finished folder ``tmp`` to ``out``, replacing an old ``out`` (all or nothing).
+
+    An old ``out`` is renamed aside first (a name with the host, the process id and a random part), the new
+    one renamed in and the old one deleted, so a reader sees the old folder or the whole new one.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 class FeatureStore:

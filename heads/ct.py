@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difffeat.data.ct import denormalize_hu, normalize_hu
+from difffeat.store import replace_folder
 from heads.base import FrozenPartState
 from heads.ct_metrics import CTStandardizationMetrics, psnr_ssim
 
@@ -79,17 +80,6 @@ def _check(x: torch.Tensor, multiple: int, what: str = "CT batch") -> None:
         raise ValueError(f"{what}: expected (B, 1, H, W) normalised slices, got {tuple(x.shape)}")
     if x.shape[-1] % multiple or x.shape[-2] % multiple:
         raise ValueError(f"{what} {tuple(x.shape)}: height and width must be multiples of {multiple}")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Renames a finished temporary folder to ``out``, replacing an old ``out`` without a moment without one."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -295,7 +285,7 @@ class CTModule(L.LightningModule):
             save_file(state, str(tmp / _WEIGHTS))
             spec = {"class_path": f"{type(self).__module__}.{type(self).__name__}", "init_args": self.export_args()}
             (tmp / _CONFIG).write_text(json.dumps(spec, indent=2, sort_keys=True))
-            _swap_in(tmp, folder)
+            replace_folder(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder

@@ -74,6 +74,7 @@ from torch import nn
 
 from difffeat.backbones.attention import support_conv_in
 from difffeat.backbones.base import Backbone, check_images
+from difffeat.store import replace_folder
 from heads.dis_metrics import DISMetrics
 from heads.fewshot_diffews import mask_loss
 
@@ -679,13 +680,7 @@ def predict_folder(model: DiffDIS | DISModule, image_dir: str | Path, out_dir: s
             png = (p * 255).to(torch.uint8).cpu().numpy()
             Image.fromarray(np.ascontiguousarray(png), mode="L").save(tmp / f"{path.stem}.png")
             written.append(out_dir / f"{path.stem}.png")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

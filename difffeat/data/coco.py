@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from difffeat.store import atomic_write
+from difffeat.store import atomic_write, replace_folder
 
 __all__ = [
     "ANNOTATIONS",
@@ -302,13 +302,7 @@ def export_scenes(out_dir: str | Path, length: int, size: int = 64, seed: int = 
                 "images": images, "annotations": annotations,
                 "categories": [{"id": cat_of[c], "name": CLASSES[c]} for c in pool]}
         write_coco(tmp / ANNOTATIONS, data, tmp / IMAGES)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

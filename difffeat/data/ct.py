@@ -70,7 +70,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from difffeat.store import atomic_write
+from difffeat.store import atomic_write, replace_folder
 
 __all__ = [
     "FILTERS",
@@ -444,13 +444,7 @@ def write_dicom_series(slices: Sequence[tuple[np.ndarray, Any]], out_dir: str | 
             ds.save_as(buf, enforce_file_format=True)
             (tmp / name).write_bytes(buf.getvalue())
             written.append(out_dir / name)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
