@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # WHEELS when there; without it mmdet is left out and its tests skip (build it as ../shared/wheels/README.md says)
 WHEELS ?= $(firstword $(wildcard ../shared/wheels /work/shared/wheels))
 MMCV_WHEEL := $(firstword $(wildcard $(WHEELS)/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl))
+comma := ,
+EXTRAS := $(if $(MMCV_WHEEL),dev$(comma)mmdet,dev)
 
 .PHONY: install run test lint bench clean
 
@@ -14,9 +16,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68" wheel
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(if $(MMCV_WHEEL),$(BIN)/python -m pip install --quiet "$(MMCV_WHEEL)" -e ".[dev,mmdet]",\
-	  $(BIN)/python -m pip install --quiet -e ".[dev]" && \
-	  echo "no mmcv wheel found (WHEELS=$(WHEELS)): mmdet not installed, its tests will skip")
+	$(BIN)/python -m pip install --quiet $(MMCV_WHEEL) -e ".[$(EXTRAS)]"
+	$(if $(MMCV_WHEEL),,@echo "no mmcv wheel found (WHEELS=$(WHEELS)): mmdet not installed and its tests will skip")
 	touch $(STAMP)
 
 install: $(STAMP)
