@@ -35,8 +35,7 @@ def build(unet_dir):
     return DetectionAdapter(unet_dir, ["mid_block", "up_blocks.0", "up_blocks.1"], 20, ["digit0", "circle"],
                             output_strides=[4, 8, 16], width=16, num_queries=6).eval()
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
+if __name__ == "__main__":  # threads from OMP_NUM_THREADS: the caller's count, so the bytes can be compared
     from difffeat.synthesize import synthesize
 
     synthesize(build(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), steps=int(sys.argv[5]),
@@ -98,7 +97,8 @@ def test_seeded_valid_dataset(setup) -> None:
 def test_resume_after_kill(setup) -> None:
     tmp, seeds = setup["tmp"], setup["seeds"]
     out, n, steps = tmp / "killed", 6, 30
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # the killed run's threads are this process's: CPU kernels round by thread count, and the bytes are compared
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(setup["script"]), str(tmp / "unet2"), str(seeds), str(out), str(n),
                              str(steps)], env=env, cwd=ROOT, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
