@@ -50,6 +50,7 @@ from difffeat.rae import (
 )
 from difffeat.readout import AdaptiveKxK, GlobalAvg, TokenMean
 from difffeat.sample import sample
+from difffeat.store import atomic_write
 from heads.classification import format_cell, probe_sweep, select_by_validation, standardise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +133,22 @@ def fit(config: str, out: Path, seed: int, steps: int, batch: int, extra: list[s
     return out, seconds
 
 
+def step_costs(runs: Path, batch: int) -> dict[str, float]:
+    """Seconds per training step of the equal-time arms, measured once per ``runs`` folder and batch and kept.
+
+    The equal-time step counts (and so the runs' folder names) follow from these; measuring them again in a
+    later process, on a differently loaded machine, would change the counts and retrain every pixel arm.
+    """
+    kept = runs / f"step-seconds-batch{batch}.json"
+    if kept.exists():
+        return json.loads(kept.read_text())
+    costs = {"DiT^DH (latent)": step_seconds("dit-dh-digits", (128, 8, 8), batch)}
+    for arm, (_, name, shape) in PIXEL_ARMS.items():
+        costs[arm] = step_seconds(name, shape, batch)
+    atomic_write(kept, json.dumps(costs).encode())
+    return costs
+
+
 def step_seconds(backbone: str, shape: tuple[int, int, int], batch: int, reps: int = 3) -> float:
     """Measured seconds of one training step (forward, backward, AdamW) of a registered denoiser."""
     b = create_backbone(backbone).train()
@@ -151,14 +168,25 @@ def step_seconds(backbone: str, shape: tuple[int, int, int], batch: int, reps: i
 @torch.no_grad()
 def generation_fd(folder: Path, n: int, steps: int, fd_net: torch.nn.Module,
                   other_decoder: Path | None = None) -> dict[str, float]:
-    """FD-digits of ``n`` samples; latent pipelines decode through their RAE (and ``other_decoder``)."""
+    """FD-digits of ``n`` samples; latent pipelines decode through their RAE (and ``other_decoder``).
+
+    Sampling is seeded, so the numbers are kept beside the run (``<run>.fd-<n>-<steps>[-<decoder>].json``) and
+    reused: seeds trained by separate processes are assembled into one report without sampling again.
+    """
+    kept = folder.with_name(f"{folder.name}.fd-{n}-{steps}" + (f"-{other_decoder.name}" if other_decoder else "")
+                            + ".json")
+    if kept.exists():
+        return json.loads(kept.read_text())
     backbone = create_backbone(folder)
     if getattr(backbone, "rae", None) is None:
-        return {"fd": fd_digits(sample(backbone, n, steps=steps, seed=0), net=fd_net)}
-    z = sample_latents(backbone, n, steps=steps, seed=0)
-    out = {"fd": fd_digits(backbone.decode(z).clamp(-1, 1), net=fd_net)}
-    if other_decoder is not None:
-        out["fd_other_decoder"] = fd_digits(RAE.from_pretrained(other_decoder).decode(z).clamp(-1, 1), net=fd_net)
+        out = {"fd": fd_digits(sample(backbone, n, steps=steps, seed=0), net=fd_net)}
+    else:
+        z = sample_latents(backbone, n, steps=steps, seed=0)
+        out = {"fd": fd_digits(backbone.decode(z).clamp(-1, 1), net=fd_net)}
+        if other_decoder is not None:
+            out["fd_other_decoder"] = fd_digits(RAE.from_pretrained(other_decoder).decode(z).clamp(-1, 1),
+                                                net=fd_net)
+    atomic_write(kept, json.dumps(out).encode())
     return out
 
 
@@ -246,9 +274,7 @@ def main(args: list[str] | None = None) -> None:
     _log(f"encoder ready, latent {enc_rae.latent_shape}, alpha {alpha:.3f}")
 
     # step costs for the equal-time comparison
-    t_step = {"DiT^DH (latent)": step_seconds("dit-dh-digits", (128, 8, 8), opts.batch)}
-    for arm, (_, name, shape) in PIXEL_ARMS.items():
-        t_step[arm] = step_seconds(name, shape, opts.batch)
+    t_step = step_costs(runs, opts.batch)
     budget = opts.dit_steps * t_step["DiT^DH (latent)"]
     pixel_steps = {arm: max(1, round(budget / t_step[arm])) for arm in PIXEL_ARMS}
 
