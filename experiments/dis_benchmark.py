@@ -241,6 +241,22 @@ def table(results: dict[str, list[dict[str, Any]]], split: str) -> str:
     return "\n".join(lines)
 
 
+#: the README's summary columns: the overall, boundary-sensitive and error metrics
+SUMMARY_METRICS = ("fm_max", "wfm", "sm", "em_mean", "mae", "hce")
+
+
+def summary_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown for the README: the summary metrics on both splits, mean ± std over seeds."""
+    arrows = [f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in SUMMARY_METRICS]
+    lines = ["| split | method | " + " | ".join(arrows) + " |", "|---|---|" + "---|" * len(SUMMARY_METRICS)]
+    for split in SPLITS:
+        for label, runs in results.items():
+            agg = aggregate([r["scores"][split] for r in runs])
+            lines.append(f"| {split} | {label} | " + " | ".join(_cell(*agg[m], m) if m in agg else ""
+                                                                 for m in SUMMARY_METRICS) + " |")
+    return "\n".join(lines)
+
+
 def cost_table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: CPU and wall minutes per run (mean over seeds) and in all, per method."""
     lines = ["| method | CPU min per run | wall min per run | CPU min, all seeds |", "|---|---|---|---|"]
@@ -384,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         "## Verdicts (computed from the per-seed numbers)", "", *(verdicts(results) or ["- (methods missing)"]), "",
         "![examples](dis_benchmark_examples.png)", ""])
     atomic_write(args.out / "dis_benchmark.md", text.encode())
+    if args.out == RESULTS:  # the reported study (not a smoke or side run) also fills the README's table
+        from experiments.probe_digits import write_readme_table
+
+        seeds = ", ".join(map(str, args.seeds))
+        write_readme_table(f"{summary_table(results)}\n\n({args.steps} steps × batch {args.batch_size} at "
+                           f"{args.size} px, seeds {seeds}; `{command.strip()}`)", marker="dis")
     print(text)
     return results
 

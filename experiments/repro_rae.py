@@ -443,6 +443,16 @@ seed spread say nothing either way.
 Whole study: {total / 60:.1f} min on this machine.
 """
     (results / f"{stem}.md").write_text(doc)
+    if not opts.smoke and results == RESULTS:  # the reported study also fills the README's summary
+        from experiments.probe_digits import write_readme_table
+
+        fd_rows = ["| arm (FD-digits of decoded samples) | FD-digits ↓ |", "|---|---|"]
+        fd_rows += [f"| {arm} | {_ms(v)} |" for arm, v in fds.items()]
+        psnr = (f"Reconstruction PSNR from clean latents: τ = 0.8 decoder {_ms(rec[0.8][0.0])} dB, τ = 0 decoder "
+                f"{_ms(rec[0.0][0.0])} dB; from latents with σ = 0.5 noise: {_ms(rec[0.8][0.5])} vs "
+                f"{_ms(rec[0.0][0.5])} dB.")
+        write_readme_table("\n".join([*fd_rows, "", psnr, "", *d_rows, "", f"(seeds {opts.seeds}; `{cmd}`)"]),
+                           marker="rae")
     _log(f"wrote {results / (stem + '.md')} in {total / 60:.1f} min")
 
 

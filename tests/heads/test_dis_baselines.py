@@ -161,3 +161,18 @@ def test_benchmark_crop_finds_the_thin_structure_and_cache_key_tracks_settings()
     assert key != cache_key("DiffDIS-style", 0, "sd-unet-scenes", argparse.Namespace(steps=3, size=64))
     assert key != cache_key("DiffDIS-style", 1, "sd-unet-scenes", args)
     assert key != cache_key("(c) DiffDIS-style, no edge", 0, "sd-unet-scenes", args)
+
+
+def test_benchmark_summary_table_has_every_split_and_method() -> None:
+    from experiments.dis_benchmark import SPLITS, SUMMARY_METRICS, summary_table
+
+    def run(wfm: float) -> dict:
+        scores = {m: 0.5 for m in SUMMARY_METRICS} | {"wfm": wfm, "hce": 12.0}
+        return {"scores": {s: dict(scores) for s in SPLITS}}
+
+    text = summary_table({"A": [run(0.2), run(0.4)], "B": [run(0.6)]})
+    rows = text.splitlines()[2:]
+    assert len(rows) == 2 * len(SPLITS)
+    assert rows[0].startswith(f"| {SPLITS[0]} | A | ") and rows[-1].startswith(f"| {SPLITS[-1]} | B | ")
+    assert "0.300 ± 0.141" in rows[0]  # wfm mean ± sample std over A's two seeds
+    assert "12.0 ± 0.0" in rows[0] and "hce ↓" in text and "wfm ↑" in text
