@@ -50,6 +50,8 @@ ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "experiments" / "results"
 PRETRAINED = ".cache/difffeat/backbones/sd-unet-scenes-ddpm"
 CONDITIONS = ("real", "real+synth", "synth")
+#: --frameworks name -> the report's row label
+FRAMEWORKS = {"torchvision": "torchvision FCOS (torchmetrics)", "mmdet": "mmdet FCOS (CocoMetric)"}
 
 
 def _json_cached(path: Path, compute: Any) -> dict[str, Any]:
@@ -282,6 +284,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--cache-kwargs", default="{}", help="its constructor arguments as JSON")
     parser.add_argument("--device", default="cpu", help="where the adapter, synthesis and torchvision detectors run")
     parser.add_argument("--no-mmdet", action="store_true", help="skip the mmdet rows")
+    parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=list(FRAMEWORKS),
+                        help="which detectors' runs this invocation trains (kept runs of the others are still "
+                             "reported): two processes, one per framework, share a machine's cores; a last "
+                             "invocation with both writes the whole table from the kept runs")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--out", default=None, help="report path (default experiments/results/...)")
     args = parser.parse_args(argv)
@@ -329,21 +335,20 @@ def main(argv: list[str] | None = None) -> str:
     data = {"real": [work / "real"], "real+synth": [work / "real", work / "synth"], "synth": [work / "synth"]}
     if cache_info is not None:
         data["real+synth (cached synthesis)"] = [work / "real", cached_dir]
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {"torchvision FCOS (torchmetrics)": {}}
-    if mmdet_reason is None:
-        runs["mmdet FCOS (CocoMetric)"] = {}
+    frameworks = ["torchvision"] + (["mmdet"] if mmdet_reason is None else [])
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {FRAMEWORKS[f]: {} for f in frameworks}
     for condition, roots in data.items():
         key = condition.replace("+", "_").replace(" ", "_").replace("(", "").replace(")", "")
         if cache_info is not None and "cached" in condition:
             key += f"_{tag}"
         for seed in range(args.seeds):
-            tv = _json_cached(work / "runs" / f"torchvision_{key}_{seed}.json",
-                              lambda r=roots, s=seed: _torchvision_run(r, work / "test", s, args))
-            runs["torchvision FCOS (torchmetrics)"].setdefault(condition, []).append(tv)
-            if mmdet_reason is None:
-                mm = _json_cached(work / "runs" / f"mmdet_{key}_{seed}.json", lambda r=roots, s=seed, k=key: _mmdet_run(
-                    r, work / "test", s, work / "mmdet" / f"{k}_{s}", args))
-                runs["mmdet FCOS (CocoMetric)"].setdefault(condition, []).append(mm)
+            train = {"torchvision": lambda r=roots, s=seed: _torchvision_run(r, work / "test", s, args),
+                     "mmdet": lambda r=roots, s=seed, k=key: _mmdet_run(r, work / "test", s,
+                                                                         work / "mmdet" / f"{k}_{s}", args)}
+            for framework in frameworks:
+                path = work / "runs" / f"{framework}_{key}_{seed}.json"
+                if framework in args.frameworks or path.is_file():
+                    runs[FRAMEWORKS[framework]].setdefault(condition, []).append(_json_cached(path, train[framework]))
     out = Path(args.out) if args.out else (work / f"{name}.md" if args.smoke else RESULTS / f"{name}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = out.with_name(f"{out.stem}_examples.png")
