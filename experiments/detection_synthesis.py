@@ -78,25 +78,28 @@ def _claim_work_dir(work: Path, settings: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(settings, indent=1).encode())
 
 
-def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path) -> tuple[Any, dict[str, Any]]:
-    """The adapter of configs/detection_adapter.yaml on ``backbone``, fitted on ``real`` (weights kept)."""
+def _adapter_config() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "configs" / "detection_adapter.yaml").read_text())["model"]["init_args"]
+
+
+def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path, head: str
+             ) -> tuple[Any, dict[str, Any]]:
+    """The adapter of configs/detection_adapter.yaml with ``head`` on ``backbone``, fitted on ``real`` (kept)."""
     from safetensors.torch import load_file, save_file
 
     from heads.detection import DetectionAdapter, fit_adapter
     from heads.detectors import evaluate_map
 
-    init = yaml.safe_load((ROOT / "configs" / "detection_adapter.yaml").read_text())["model"]["init_args"]
-    init["backbone"] = backbone
-    if args.head is not None:
-        init["head"] = args.head
+    init = _adapter_config()
+    init["backbone"], init["head"] = backbone, head
     train = CocoDetection(real)
     if init["categories"] != train.categories:
         raise ValueError(f"the adapter config's categories {init['categories']} differ from {real}'s "
                          f"{train.categories}")
     torch.manual_seed(args.seed)
     adapter = DetectionAdapter(**init).to(args.device)
-    weights = work / "adapter" / "head.safetensors"
-    info_path = work / "adapter" / "info.json"
+    weights = work / f"adapter-{head}" / "head.safetensors"
+    info_path = work / f"adapter-{head}" / "info.json"
     if weights.is_file() and info_path.is_file():
         adapter.head.load_state_dict(load_file(weights))
         adapter.eval()
@@ -111,7 +114,7 @@ def _adapter(args: argparse.Namespace, backbone: str, real: Path, work: Path) ->
         preds += [{k: v.cpu() for k, v in p.items()} for p in adapter.predict(images, score_threshold=0.0)]
     adapter._features = {}  # test features are not needed again
     scores = evaluate_map(preds, test)
-    info = {"head": init.get("head", "set"), "steps": args.adapter_steps, "seconds": seconds,
+    info = {"head": head, "steps": args.adapter_steps, "seconds": seconds,
             "first_loss": float(np.mean(losses[:20])),
             "last_loss": float(np.mean(losses[-20:])), "test_map": scores["map"], "test_map_50": scores["map_50"],
             "backbone": backbone}
@@ -200,7 +203,7 @@ def _stats(rows: list[dict[str, Any]], key: str) -> tuple[float, float, list[flo
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, vals
 
 
-def _report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, Any]]]], adapter_info: dict,
+def _report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, Any]]]], adapters: dict[str, dict],
             synth_info: dict, cache_info: dict | None, mmdet_reason: str | None, figure: Path, out: Path,
             seconds: float) -> str:
     names = [c["name"] for c in load_coco(Path(args.work_dir) / "real")["categories"]]
@@ -210,11 +213,14 @@ def _report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, A
              f"Real labelled scenes {args.real}, synthesized {args.synth}, held-out real test scenes {args.test} "
              f"(64 px, classes {names}); detectors trained from scratch"
              f" for {args.detector_steps} steps of 8 images on every condition; seeds "
-             f"{list(range(args.seeds))}. Backbone: `{adapter_info['backbone']}`.", "",
-             f"Adapter ({adapter_info.get('head', 'set')} head): {adapter_info['steps']} steps in "
-             f"{adapter_info['seconds']:.0f} s, loss "
-             f"{adapter_info['first_loss']:.3f} → {adapter_info['last_loss']:.3f}; its own mAP on the test set "
-             f"{100 * adapter_info['test_map']:.1f} (mAP@.5 {100 * adapter_info['test_map_50']:.1f}).", "",
+             f"{list(range(args.seeds))}. Backbone: `{adapters[args.head]['backbone']}`.", "",
+             "Detection adapters, both heads trained on the same real scenes for the same steps and scored on the "
+             "held-out real test set; the synthesis below uses the "
+             f"**{args.head}** head (`--head`):", "",
+             "| adapter head | steps | seconds | loss first → last 20 steps | mAP@[.5:.95] | mAP@.5 |",
+             "|---|---|---|---|---|---|",
+             *(f"| {h} | {a['steps']} | {a['seconds']:.0f} | {a['first_loss']:.3f} → {a['last_loss']:.3f} | "
+               f"{100 * a['test_map']:.2f} | {100 * a['test_map_50']:.2f} |" for h, a in adapters.items()), "",
              f"Synthesis: {synth_info['images']} images, {synth_info['boxes']} boxes "
              f"({synth_info['boxes'] / synth_info['images']:.2f} per image; the real scenes have "
              f"{len(load_coco(Path(args.work_dir) / 'real')['annotations']) / args.real:.2f}), "
@@ -277,7 +283,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--adapter-steps", type=int, default=1500)
     parser.add_argument("--detector-steps", type=int, default=1000)
     parser.add_argument("--head", default=None, choices=["set", "dense"],
-                        help="adapter head (default: the config's, the reference's DETR-like set head)")
+                        help="adapter head that labels the synthesis (default: the config's); the other head is "
+                             "trained too, for the comparison row")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="feature cache class path (e.g. difffeat.cache.X)")
@@ -308,6 +315,7 @@ def main(argv: list[str] | None = None) -> str:
     elif Path(ROOT / backbone).is_dir():
         backbone = str(ROOT / backbone)
     start = time.perf_counter()
+    args.head = args.head or _adapter_config().get("head", "set")
     _claim_work_dir(work, {**{k: getattr(args, k) for k in ("real", "test", "synth", "steps", "adapter_steps",
                                                             "detector_steps", "score_threshold", "seed",
                                                             "head")},
@@ -316,7 +324,9 @@ def main(argv: list[str] | None = None) -> str:
     for split, n, seed, offset in (("real", args.real, args.seed, 0), ("test", args.test, args.seed + 1000, 0)):
         if not (work / split / "annotations.json").is_file():
             export_scenes(work / split, n, size=64, seed=seed, classes=classes, offset=offset, overwrite=True)
-    adapter, adapter_info = _adapter(args, backbone, work / "real", work)
+    adapters = {}
+    for head in [*sorted({"set", "dense"} - {args.head}), args.head]:  # the synthesizing one last, kept in memory
+        adapter, adapters[head] = _adapter(args, backbone, work / "real", work, head)
     from difffeat.synthesize import synthesize
 
     synth_info = _json_cached(work / "synth_info.json", lambda: synthesize(
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = out.with_name(f"{out.stem}_examples.png")
     _figure(work / "synth", figure)
-    text = _report(args, runs, adapter_info, synth_info, cache_info, mmdet_reason, figure, out,
+    text = _report(args, runs, adapters, synth_info, cache_info, mmdet_reason, figure, out,
                    time.perf_counter() - start)
     print(text)
     return text

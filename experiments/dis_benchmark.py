@@ -351,10 +351,10 @@ def figure(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, p
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line settings (the defaults are the reported study's)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    # sized from the measured step costs (128 px, batch 4, one loaded core): DiffDIS 8.2 s, no edge 3.3 s,
-    # SMP U-Net 1.3 s, frozen U-Net / FPN 10 s each: ~100 s per step over 5 methods x 3 seeds, plus ~25 s of
-    # building and testing per run: 40 steps ~ 45-65 min on the 2 cores
-    p.add_argument("--steps", type=int, default=40, help="training steps per method (same for all)")
+    # sized from measured costs on 2 unloaded cores, one thread per process: at 40 steps the whole study (5 methods
+    # x 3 seeds, testing included) took 12.8 CPU min (experiments/results/dis_40steps/), DiffDIS 2.2 min a run;
+    # 300 steps, what configs/dis_*.yaml train for, is the reported budget
+    p.add_argument("--steps", type=int, default=300, help="training steps per method (same for all)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--size", type=int, default=128, help="scene side (train and test)")
     p.add_argument("--train-scenes", type=int, default=1000)

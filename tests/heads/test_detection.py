@@ -127,5 +127,5 @@ def test_config_fast_dev_run(unet_dir, tmp_path) -> None:
 
     config = Path(__file__).parents[2] / "configs" / "detection_adapter.yaml"
     main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--model.backbone", str(unet_dir),
-          "--model.layers", "[mid_block, up_blocks.0, up_blocks.1]", "--model.width", "16",
+          "--model.layers", "[mid_block, up_blocks.0, up_blocks.1]", "--model.width", "32",
           "--data.size", "32", "--data.batch_size", "2", "--trainer.default_root_dir", str(tmp_path)])
