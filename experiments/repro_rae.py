@@ -386,8 +386,15 @@ def write_report(opts: argparse.Namespace, alpha: float, rec: dict, gen: dict, f
         + ("the shift helps" if np.mean(dh) < np.mean(noshift) else "the shift does not help")
         + _spread(dh, noshift),
         f"* (c) equal training time: RAE latent {_ms(dh)} vs pixel DiT^DH {_ms(gen['DiT^DH (pixel)'])} vs landed "
-        f"pixel SiT {_ms(gen['SiT (pixel, landed)'])} FD-digits.",
+        f"pixel SiT {_ms(gen['SiT (pixel, landed)'])} FD-digits: "
+        + ("the RAE latent space generates better than both pixel-space arms"
+           if np.mean(dh) < min(np.mean(gen["DiT^DH (pixel)"]), np.mean(gen["SiT (pixel, landed)"]))
+           else "the RAE latent space does not generate better than pixel space here")
+        + _spread(dh, gen["DiT^DH (pixel)"]),
     ]
+    best = max(probes, key=lambda name: float(np.mean([np.mean(r["acc10"]) for r in probes[name]])))
+    verdicts.append(f"* (d) linear probes, 10 labels per class: the best features are {best}"
+                    + ("" if best.startswith("RAE") else "; the RAE latent does not probe best here") + ".")
     cost = "\n".join(f"| {k} | {v / 60:.1f} |" for k, v in timings.items())
     doc = f"""# Representation autoencoders (RAE) on digits{" — smoke run (a few steps; numbers mean nothing)"
                                                          if opts.smoke else ""}
