@@ -447,7 +447,8 @@ seed spread say nothing either way.
 |---|---|
 {cost}
 
-Whole study: {total / 60:.1f} min on this machine.
+This invocation: {total / 60:.1f} min on this machine; the training runs it reports took
+{sum(sum(v) for v in train_seconds.values()) / 60:.1f} min in all when they were trained (recorded with each run).
 """
     (results / f"{stem}.md").write_text(doc)
     if not opts.smoke and results == RESULTS:  # the reported study also fills the README's summary
