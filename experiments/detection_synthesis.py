@@ -199,7 +199,9 @@ def _mmdet_available() -> str | None:
     return None
 
 
-def _figure(synth: Path, path: Path, n: int = 8) -> None:
+def _figure(synth: Path, real: Path, path: Path, n: int = 8) -> None:
+    """Synthesized images with the adapter's boxes (bottom row) under the real seed scene each came from, with
+    its ground-truth boxes (top row)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,20 +209,32 @@ def _figure(synth: Path, path: Path, n: int = 8) -> None:
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    data = load_coco(synth)
+    data, seeds = load_coco(synth), load_coco(real)
     names = {c["id"]: c["name"] for c in data["categories"]}
+    seed_images = {im["id"]: im for im in seeds["images"]}
     images = data["images"][:n]
-    fig, axes = plt.subplots(2, math.ceil(len(images) / 2), figsize=(2.2 * math.ceil(len(images) / 2), 4.6))
-    for ax in np.atleast_1d(axes).flat:
-        ax.axis("off")
-    for ax, im in zip(np.atleast_1d(axes).flat, images, strict=False):
-        ax.imshow(Image.open(synth / "images" / im["file_name"]))
-        for a in (a for a in data["annotations"] if a["image_id"] == im["id"]):
-            x, y, w, h = a["bbox"]
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, color="yellow", lw=1))
-            ax.text(x, y - 1, f"{names[a['category_id']]} {a.get('score', 1):.2f}", color="yellow", fontsize=6)
-        ax.set_title(f"strength {im['strength']:.2f}", fontsize=7)
-    fig.suptitle("synthesized scenes and the adapter's boxes (score > threshold)", fontsize=8)
+    fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 4.8), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for col, im in enumerate(images):
+        seed = seed_images[im["seed_image_id"]]
+        for row, (folder, shown, anns, colour) in enumerate((
+                (real, seed, seeds["annotations"], "white"), (synth, im, data["annotations"], "yellow"))):
+            ax = axes[row, col]
+            with Image.open(folder / "images" / shown["file_name"]) as img:
+                ax.imshow(img.convert("RGB"))
+            for a in (a for a in anns if a["image_id"] == shown["id"]):
+                x, y, w, h = a["bbox"]
+                ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, color=colour, lw=1))
+                label = names[a["category_id"]] + (f" {a['score']:.2f}" if "score" in a else "")
+                ax.text(x, y - 1, label, color=colour, fontsize=6)
+        axes[0, col].set_title(f"seed scene {seed['id']}", fontsize=7)
+        axes[1, col].set_title(f"synthesized, strength {im['strength']:.2f}", fontsize=7)
+    axes[0, 0].set_ylabel("real seed + ground truth", fontsize=7)
+    axes[1, 0].set_ylabel("synthesized + adapter boxes", fontsize=7)
+    fig.suptitle("synthesized scenes (bottom) and the adapter's boxes above the score threshold, under their real "
+                 "seed scenes with ground-truth boxes (top)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -412,7 +426,7 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.out) if args.out else (work / f"{name}.md" if args.smoke else RESULTS / f"{name}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = out.with_name(f"{out.stem}_examples.png")
-    _figure(work / "synth", figure)
+    _figure(work / "synth", work / "real", figure)
     text = _report(args, runs, adapters, synth_info, cache_info, mmdet_reason, figure, out,
                    time.perf_counter() - start)
     print(text)
