@@ -33,6 +33,7 @@ import hashlib
 import importlib
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> str:
     frameworks = ["torchvision"] + (["mmdet"] if mmdet_reason is None else [])
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {FRAMEWORKS[f]: {} for f in frameworks}
     for condition, roots in data.items():
-        key = condition.replace("+", "_").replace(" ", "_").replace("(", "").replace(")", "")
+        key = re.sub(r"\W+", "_", condition).strip("_")  # a file name: letters, digits and single underscores
         if cache_info is not None and "cached" in condition:
             key += f"_{tag}"
         for seed in range(args.seeds):
