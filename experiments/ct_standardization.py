@@ -51,7 +51,7 @@ from heads.ct_metrics import FEATURE_NAMES
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache/difffeat/ct_standardization"
 RESULTS = ROOT / "experiments/results"
-VERSION = 1  # bump when a run's procedure changes: cached results of older versions are not reused
+VERSION = 2  # bump when a run's procedure changes: cached results of older versions are not reused
 METHODS = ("no-op", "direct U-Net", "two-stage (DiffusionCT)")
 CONFIGS = {"direct U-Net": ("configs/ct_unet.yaml",),
            "two-stage (DiffusionCT)": ("configs/ct_stage1.yaml", "configs/ct_stage2.yaml")}

@@ -21,11 +21,15 @@ written here.
   given; L1 keeps edges and noise texture sharper than L2).
 * **Stage 2** (:class:`LatentDDPM`, :class:`DiffusionCTModule`): a diffusers ``UNet2DModel`` on the
   latent grid whose input is the noisy standard latent concatenated with the source latent along
-  channels (the conditioning; the paper says only "conditioned"), ε-prediction, diffusers'
-  ``DDPMScheduler`` (1000 steps, linear betas, Ho et al.'s defaults) for training, ``DDIMScheduler``
-  from the same config for sampling (``sample_steps`` 20, η = 0: CPU scale; the paper samples with
-  DDPM). Latents are scaled by ``1 / std`` of the first training batch's latents (the latent-diffusion
-  scaling factor, stored as a buffer). Sampling starts from one seeded noise map shared by every image,
+  channels (the conditioning; the paper says only "conditioned"), diffusers' ``DDPMScheduler`` (1000
+  steps, linear betas, Ho et al.'s defaults, no clipping: latents have no range) for training,
+  ``DDIMScheduler`` from the same config for sampling (``sample_steps`` 20, η = 0: CPU scale; the paper
+  samples with DDPM). The prediction target is a setting (``prediction_type``); the class default is ε, the
+  paper's DDPM, and ``configs/ct_stage2.yaml`` predicts the clean latent (``sample``): source → standard is
+  nearly deterministic, and at this CPU budget x0-prediction learns it far sooner
+  (``experiments/ct_stage2_objective.py`` measures the three targets at equal steps). Latents are scaled
+  by ``1 / std`` of the first training batch's latents (the latent-diffusion scaling factor, stored as a
+  buffer). Sampling starts from one seeded noise map shared by every image,
   so a standardized scan depends neither on its batch nor on the global random state.
 * **Frozen means frozen**: the autoencoder of stage 2 has ``requires_grad_(False)``, stays in eval mode,
   is out of the optimizer and out of Lightning checkpoints (:class:`~heads.base.FrozenPartState`); it is
@@ -153,8 +157,10 @@ class LatentDDPM(nn.Module):
                                 block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
                                 down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
                                 norm_num_groups=norm_num_groups)
+        # clip_sample=False: latents have no [-1, 1] range (diffusers' DDPM/DDIM default clips the predicted x0
+        # to it, which cut every unit-std latent value beyond ±1 at each sampling step)
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                       prediction_type=prediction_type)
+                                       prediction_type=prediction_type, clip_sample=False)
         self.sampler = DDIMScheduler.from_config(self.scheduler.config)
         self.sample_steps, self.stride = sample_steps, 2 ** (n - 1)
 
