@@ -46,10 +46,9 @@ def _trainer(steps: int) -> L.Trainer:
 
 
 @torch.no_grad()
-def _psnr(standardize: Any, data: CTDataModule) -> float:
-    """Mean PSNR (dB) over the test pairs of ``standardize(source)`` against the standard scan."""
-    values = [psnr_ssim(denormalize_hu(standardize(b["source"])), b["target_hu"])[0]
-              for b in data.test_dataloader()]
+def _psnr(standardize: Any, data: CTDataModule, scan: str = "source") -> float:
+    """Mean PSNR (dB) over the test pairs of ``standardize(b[scan])`` against the standard scan."""
+    values = [psnr_ssim(denormalize_hu(standardize(b[scan])), b["target_hu"])[0] for b in data.test_dataloader()]
     return float(torch.cat(values).mean())
 
 
@@ -63,16 +62,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     data = CTDataModule(**s2["data"]["init_args"])
     s1_steps, s2_steps = s1["trainer"]["max_steps"], s2["trainer"]["max_steps"]
     start = time.process_time()
-    rows = []
+    scores: dict[str, tuple[float, float]] = {}  # target -> (PSNR not clipped, clipped)
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(args.seed, verbose=False)
         stage1 = CTAutoencoderModule(**{**s1["model"]["init_args"], "export_dir": f"{tmp}/stage1"})
         _trainer(s1_steps).fit(stage1, train_dataloaders=data.train_dataloader())
         stage1.eval()
         bounds = {"no-op (the source scan)": _psnr(lambda x: x, data),
-                  "stage-1 reconstruction of the standard scan (upper bound)": float(torch.cat([
-                      psnr_ssim(denormalize_hu(stage1.autoencoder(b["target"])), b["target_hu"])[0]
-                      for b in data.test_dataloader()]).mean())}
+                  "stage-1 reconstruction of the standard scan (upper bound)": _psnr(stage1.autoencoder, data,
+                                                                                      "target")}
         init = {k: v for k, v in s2["model"]["init_args"].items() if k not in ("export_dir", "autoencoder_config")}
         for target in TARGETS:
             L.seed_everything(args.seed, verbose=False)
@@ -80,13 +78,14 @@ def main(argv: Sequence[str] | None = None) -> str:
                                           "seed": args.seed})
             _trainer(s2_steps).fit(module, train_dataloaders=data.train_dataloader())
             module.eval()
-            scores = []
+            clipped = []
             for clip in (False, True):
                 module.diffusion.sampler.register_to_config(clip_sample=clip)
-                scores.append(_psnr(module.standardize, data))
-            rows.append(f"| {target} | {scores[0]:.2f} | {scores[1]:.2f} |")
-            print(rows[-1], flush=True)
-    best = max(TARGETS, key=lambda t: float(rows[TARGETS.index(t)].split("|")[2]))
+                clipped.append(_psnr(module.standardize, data))
+            scores[target] = (clipped[0], clipped[1])
+            print(target, scores[target], flush=True)
+    rows = [f"| {t} | {free:.2f} | {clip:.2f} |" for t, (free, clip) in scores.items()]
+    best = max(scores, key=lambda t: scores[t][0])
     text = "\n".join([
         "# DiffusionCT stage 2: prediction target at equal steps", "",
         "Rerun: `python -m experiments.ct_stage2_objective`", "",
