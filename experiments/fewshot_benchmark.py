@@ -65,6 +65,7 @@ from difffeat.readout import PerPixel
 from difffeat.store import atomic_write
 from experiments.probe_digits import ROOT, ensure_backbone, write_readme_table
 from heads.fewshot import FeatureCache, FewShotIoU, Predictor, dense_features, episode_masks
+from heads.fewshot_correlation import CorrelationFewShotModule
 from heads.fewshot_diffews import DiffewSModule, mask_loss
 from heads.fewshot_prototype import PrototypeSegmenter
 from heads.fewshot_transfer import LabelTransferSegmenter
@@ -77,8 +78,11 @@ SETTINGS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot vote", 5, True)
 #: the scenes of every split: several objects of distinct classes, a texture per object
 SCENES = {"min_objects": 2, "distinct": True, "textured": True}
 #: bumped when a runner's output changes, so that cached (arm, fold) results are recomputed
-VERSIONS = {"oracle_arm": 1, "prototype_arm": 3, "transfer_arm": 1, "diffews_arm": 4, "query_only_arm": 1}
+VERSIONS = {"oracle_arm": 1, "prototype_arm": 3, "transfer_arm": 1, "diffews_arm": 4, "query_only_arm": 1,
+            "correlation_arm": 1}
 CANDIDATE_T = (10, 50, 200)
+#: the correlation head's features: every block output at this timestep, correlated on this grid
+CORRELATION_T, CORRELATION_GRID = 50, 16
 SIZE = 32
 EXAMPLES = 4  # fold-0 1-shot episodes drawn in the figure
 BOOTSTRAP = 2000
@@ -390,6 +394,29 @@ def _train(backbone: str, fold: int, args: argparse.Namespace, tag: str, query_o
             **evaluate_all(model.predict, fold, args, name, empty, support_free=query_only)}
 
 
+def correlation_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """Trains the HSNet-style correlation head (every block output at :data:`CORRELATION_T`, frozen) on the
+    fold's base-class episodes, with DiffewS's steps, episodes and seed, then evaluates it."""
+    L.seed_everything(0, verbose=False)
+    layers = block_outputs(create_backbone(backbone))
+    module = CorrelationFewShotModule(backbone=backbone, layers=layers, timesteps=[CORRELATION_T],
+                                      feature_size=CORRELATION_GRID, lr=args.correlation_lr)
+    module.model.features = FeatureCache(module.model.features)  # scenes recur across episodes
+    history = LossHistory()
+    trainer = L.Trainer(accelerator="cpu", max_steps=args.train_steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+                        callbacks=[history])
+    trainer.fit(module, datamodule=fold_data(fold, args))
+    model = module.model.eval()
+
+    def empty(support: torch.Tensor, masks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return model.predict(support, torch.zeros_like(masks), query, allow_empty_support=True)
+
+    return {"train_steps": args.train_steps, "loss": history.loss, "pair_loss": history.pair_loss,
+            "heldout_pair_loss": heldout_pair_loss(model, fold, args),
+            **evaluate_all(model.predict, fold, args, "correlation", empty)}
+
+
 def diffews_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     return _train(backbone, fold, args, tag, query_only=False)
 
@@ -403,13 +430,15 @@ DIFFEWS = "DiffewS · counterfactual + negative episodes"
 QUERY_ONLY = "DiffewS query-only · same training, no support"
 PROTOTYPE = "prototype · DDPM-trained U-Net"
 TRANSFER = "label transfer (k-NN) · DDPM-trained U-Net"
+CORRELATION = "HSNet-style correlation head · DDPM-trained U-Net, frozen"
 
 
 def arms(args: argparse.Namespace) -> dict[str, tuple[Callable[..., dict[str, Any]], str]]:
     """Arm label → (runner, backbone), in the order they run (cheap ones first)."""
     backbone = args.backbone or str(ensure_backbone(CONFIG))
     table = {ORACLE: (oracle_arm, backbone), PROTOTYPE: (prototype_arm, backbone),
-             TRANSFER: (transfer_arm, backbone), DIFFEWS: (diffews_arm, backbone),
+             TRANSFER: (transfer_arm, backbone), CORRELATION: (correlation_arm, backbone),
+             DIFFEWS: (diffews_arm, backbone),
              QUERY_ONLY: (query_only_arm, backbone)}
     return {k: v for k, v in table.items() if not args.arms or any(a in k for a in args.arms)}
 
@@ -554,7 +583,7 @@ def figure(results: Results, path: Path, n: int, args: argparse.Namespace) -> No
 
 
 def loss_figure(results: Results, path: Path, folds: list[int]) -> None:
-    """Training loss on counterfactual pairs per fold (moving mean of 25 steps), DiffewS vs query-only."""
+    """Training loss on counterfactual pairs per fold (moving mean of 25 steps) of every trained arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -562,7 +591,7 @@ def loss_figure(results: Results, path: Path, folds: list[int]) -> None:
 
     fig, axes = plt.subplots(1, len(folds), figsize=(3.2 * len(folds), 2.6), squeeze=False, sharey=True)
     for ax, f in zip(axes[0], folds, strict=True):
-        for label in (DIFFEWS, QUERY_ONLY):
+        for label in (DIFFEWS, QUERY_ONLY, CORRELATION):
             if label in results:
                 v = np.asarray(results[label][f]["pair_loss"])
                 v = np.where(np.isnan(v), np.nanmean(v), v)
@@ -598,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="DiffewS episodes per step (whole pairs)")
     parser.add_argument("--negative-fraction", type=float, default=0.15)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--correlation-lr", type=float, default=1e-3, help="correlation head's learning rate")
     parser.add_argument("--k", type=int, default=10, help="label-transfer neighbours")
     parser.add_argument("--arms", nargs="*", default=None, help="run only arms whose label holds one of these")
     parser.add_argument("--backbone", help="trained scenes U-Net folder (default: train or reuse "
@@ -624,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = args.out.with_name(f"{args.out.stem}_examples.png")
     losses = args.out.with_name(f"{args.out.stem}_losses.png")
     figure(results, examples, EXAMPLES, args)
-    if DIFFEWS in results or QUERY_ONLY in results:
+    if {DIFFEWS, QUERY_ONLY, CORRELATION} & results.keys():
         loss_figure(results, losses, folds)
     text = f"""# Few-shot segmentation on the scene benchmark
 
