@@ -41,6 +41,7 @@ cached under ``.cache/difffeat/fewshot`` and reused by a rerun with the same set
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -53,7 +54,7 @@ import lightning as L
 import numpy as np
 import torch
 from safetensors.torch import save
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from difffeat.backbones import create_backbone
@@ -78,7 +79,7 @@ SETTINGS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot vote", 5, True)
 #: the scenes of every split: several objects of distinct classes, a texture per object
 SCENES = {"min_objects": 2, "distinct": True, "textured": True}
 #: bumped when a runner's output changes, so that cached (arm, fold) results are recomputed
-VERSIONS = {"oracle_arm": 1, "prototype_arm": 3, "transfer_arm": 1, "diffews_arm": 4, "query_only_arm": 1,
+VERSIONS = {"oracle_arm": 1, "prototype_arm": 3, "transfer_arm": 1, "diffews_arm": 5, "query_only_arm": 1,
             "correlation_arm": 1}
 CANDIDATE_T = (10, 50, 200)
 #: the correlation head's features: every block output at this timestep, correlated on this grid
@@ -371,17 +372,64 @@ def heldout_pair_loss(model: Any, fold: int, args: argparse.Namespace) -> float:
     return float(np.mean(losses))
 
 
+def attention_entropy(model: Any, episodes: Dataset, n: int = 16) -> dict[str, list[float]]:
+    """How selective DiffewS's fused self-attentions are on ``n`` episodes, per token grid (coarsest last).
+
+    For every fused attention of the query pass: the mean entropy of its per-head attention probabilities
+    over query tokens as a fraction of the uniform distribution's (1: every query token spreads its
+    attention evenly over its own and the support's tokens, which makes the fused read a plain average of
+    the support), and the share of attention the support's tokens receive. Keys are captured from the
+    query's own projection and from the K/V bank just before the query pass reads it.
+    """
+    fusion, own, queries, bank = model.fusion, {}, {}, {}
+    hooks = [h for name, attn in fusion.attns.items() for h in (
+        attn.to_q.register_forward_hook(lambda _m, _i, out, n=name: queries.__setitem__(n, out)),
+        attn.to_k.register_forward_hook(lambda _m, _i, out, n=name: own.__setitem__(n, out)))]
+    read = fusion.read
+
+    @contextlib.contextmanager
+    def keep_bank() -> Any:
+        bank.update(fusion.bank)
+        with read():
+            yield
+
+    fusion.read = keep_bank
+    per_grid: dict[int, list[tuple[float, float]]] = {}
+    try:
+        with torch.no_grad():
+            batch = next(iter(DataLoader(Subset(episodes, range(n)), batch_size=n)))
+            model(batch["support"], batch["support_mask"], batch["query"])
+        for name, attn in fusion.attns.items():
+            q, k = queries[name], torch.cat([own[name], bank[f"{name}.to_k"]], 1)
+            tokens = q.shape[1]
+            qh, kh = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (q, k))  # (E, heads, N, d)
+            p = (qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5).softmax(-1)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / np.log(k.shape[1])
+            per_grid.setdefault(tokens, []).append((float(entropy), float(p[..., tokens:].sum(-1).mean())))
+    finally:
+        del fusion.read
+        for h in hooks:
+            h.remove()
+    return {f"{int(np.sqrt(t))}x{int(np.sqrt(t))}": np.mean(v, 0).tolist() for t, v in sorted(per_grid.items(),
+                                                                                             reverse=True)}
+
+
 def _train(backbone: str, fold: int, args: argparse.Namespace, tag: str, query_only: bool) -> dict[str, Any]:
     """Fine-tunes DiffewS (or its query-only control) on the fold's base-class pair episodes, then
     evaluates it; its weights are kept in ``{CACHE}/{tag}.safetensors``."""
     L.seed_everything(0, verbose=False)
     module = DiffewSModule(backbone=backbone, lr=args.lr, query_only=query_only)
+    probe = fold_data(fold, args).episodes(False, 1, args.episodes)
+    attention = {} if query_only else {"pretrained": attention_entropy(module.model.eval(), probe)}
+    module.model.train()
     history = LossHistory()
     trainer = L.Trainer(accelerator="cpu", max_steps=args.train_steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
                         callbacks=[history])
     trainer.fit(module, datamodule=fold_data(fold, args))
     model = module.model.eval()
+    if not query_only:
+        attention["fine-tuned"] = attention_entropy(model, probe)
     CACHE.mkdir(parents=True, exist_ok=True)
     atomic_write(CACHE / f"{tag}.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
     name = "query-only" if query_only else "diffews"
@@ -390,7 +438,7 @@ def _train(backbone: str, fold: int, args: argparse.Namespace, tag: str, query_o
         return model.predict(support, torch.zeros_like(masks), query, allow_empty_support=True)
 
     return {"train_steps": args.train_steps, "loss": history.loss, "pair_loss": history.pair_loss,
-            "heldout_pair_loss": heldout_pair_loss(model, fold, args),
+            "heldout_pair_loss": heldout_pair_loss(model, fold, args), "attention": attention,
             **evaluate_all(model.predict, fold, args, name, empty, support_free=query_only)}
 
 
@@ -522,6 +570,22 @@ def training_table(results: Results, folds: list[int]) -> str:
         cells = [f"{np.nanmean(per_fold[f]['pair_loss'][-50:]):.3f} / {per_fold[f]['heldout_pair_loss']:.3f}"
                  for f in folds]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def attention_table(results: Results, folds: list[int]) -> str:
+    """Markdown: DiffewS's fused self-attention entropy (fraction of uniform) and support share per grid,
+    before and after fine-tuning (means over folds)."""
+    if DIFFEWS not in results or "attention" not in results[DIFFEWS][folds[0]]:
+        return ""
+    runs = [results[DIFFEWS][f]["attention"] for f in folds]
+    grids = list(runs[0]["pretrained"])
+    lines = ["| DiffewS self-attention | " + " | ".join(f"{g} tokens" for g in grids) + " |",
+             "|---|" + "---|" * len(grids)]
+    for stage in ("pretrained", "fine-tuned"):
+        for i, what in enumerate(("entropy / uniform", "share on support tokens")):
+            cells = " | ".join(f"{np.mean([r[stage][g][i] for r in runs]):.3f}" for g in grids)
+            lines.append(f"| {stage}: {what} | {cells} |")
     return "\n".join(lines)
 
 
@@ -686,6 +750,11 @@ targets): mean training loss of the pairs' episodes over the last 50 steps, and 
 {training_table(results, folds)}
 
 ![training loss on counterfactual pairs]({losses.name})
+
+How selective KV fusion's attention is (16 one-shot test episodes per fold; 1-shot, so a query token that
+spread its attention evenly would give the support's tokens a share of 0.5):
+
+{attention_table(results, folds)}
 
 Targets:
 {verdicts(results, folds, figures)}

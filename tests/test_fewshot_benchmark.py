@@ -46,3 +46,23 @@ def test_other_class_support_keeps_the_query_and_changes_the_class() -> None:
         own, other = episodes[e], swapped[e]
         assert torch.equal(own["query"], other["query"]) and torch.equal(own["query_mask"], other["query_mask"])
         assert other["support_mask"].any() and not torch.equal(own["support"], other["support"])
+
+
+def test_attention_entropy_reads_the_query_and_bank_keys() -> None:
+    from experiments.fewshot_benchmark import attention_entropy
+    from heads.fewshot_diffews import DiffewS
+
+    torch.manual_seed(0)
+    data = FewShotDataModule(fold=0, size=32, train_scenes=60, test_scenes=60, test_episodes=4, min_objects=2,
+                             distinct=True, textured=True)
+    episodes = data.episodes(False, 1, 4)
+    model = DiffewS("sd-unet-scenes-attn2").eval()
+    trained = attention_entropy(model, episodes, n=4)
+    for attn in model.fusion.attns.values():  # zero queries: every token spreads its attention evenly
+        torch.nn.init.zeros_(attn.to_q.weight)
+    uniform = attention_entropy(model, episodes, n=4)
+    assert list(uniform) == ["16x16", "8x8", "4x4"]
+    for entropy, share in uniform.values():
+        assert abs(entropy - 1) < 1e-5 and abs(share - 0.5) < 1e-5  # 1-shot: half the keys are the support's
+    assert min(entropy for entropy, _ in trained.values()) < 0.999  # a random init is not uniform
+    assert "read" not in vars(model.fusion)  # the wrapper is gone
