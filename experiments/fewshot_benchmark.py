@@ -80,7 +80,7 @@ SETTINGS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot vote", 5, True)
 SCENES = {"min_objects": 2, "distinct": True, "textured": True}
 #: bumped when a runner's output changes, so that cached (arm, fold) results are recomputed
 VERSIONS = {"oracle_arm": 1, "prototype_arm": 3, "transfer_arm": 1, "diffews_arm": 5, "query_only_arm": 1,
-            "correlation_arm": 1}
+            "correlation_arm": 2}
 CANDIDATE_T = (10, 50, 200)
 #: the correlation head's features: every block output at this timestep, correlated on this grid
 CORRELATION_T, CORRELATION_GRID = 50, 16

@@ -23,7 +23,9 @@ mask that is empty at the image's resolution is refused (it has no foreground to
 the benchmark's empty-support control (``allow_empty_support``), where the foreground statistics are the
 lowest cosine, −1.
 
-k-shot is native: the positions of all shots are pooled before the statistics (one pass).
+k-shot is native (one pass through the decoder): the statistics are taken per shot and averaged over the
+shots. Pooling all shots' positions first would shift them (a best match over five supports is higher
+than over one), away from what a head trained on one-shot episodes has seen.
 """
 
 from __future__ import annotations
@@ -58,27 +60,27 @@ def correlation_maps(query: torch.Tensor, support: torch.Tensor, masks: torch.Te
 
     Returns:
         ``(E, 3 · taps, h, w)``: per tap, the best foreground cosine, the mean of the ``top_k`` best
-        foreground cosines, and the best background cosine (−1 where the support has no such position).
+        foreground cosines, and the best background cosine (−1 where a shot has no such position), each
+        taken per shot and averaged over the shots.
 
     Raises:
         ValueError: channel widths that do not sum to ``C``, or support features of another width.
     """
-    e, c = support.shape[0], support.shape[2]
+    e, k, c = support.shape[:3]
     if query.shape[1] != c:
         raise ValueError(f"query features have {query.shape[1]} channels, support features {c}")
     h, w = query.shape[-2:]
     weights = F.interpolate(masks.flatten(0, 1)[:, None].float(), size=support.shape[-2:], mode="area")
-    fg = (weights > 0).view(e, 1, -1)  # (E, 1, k·h'·w'): any overlap counts
+    fg = (weights > 0).view(e, 1, k, -1)  # (E, 1, k, h'·w'): any overlap counts
     q = normalise_taps(query.permute(0, 2, 3, 1).reshape(-1, c), groups).view(e, h * w, c)
     s = normalise_taps(support.permute(0, 1, 3, 4, 2).reshape(-1, c), groups).view(e, -1, c)
-    scale = len(groups) ** 0.5  # normalise_taps leaves each tap with norm 1/sqrt(taps)
+    scale = len(groups)  # normalise_taps leaves each tap with norm 1/sqrt(taps)
     stats = []
     for qg, sg in zip(q.split(list(groups), -1), s.split(list(groups), -1), strict=True):
-        sim = (qg @ sg.transpose(1, 2)) * scale ** 2  # (E, h·w, k·h'·w') cosines in [-1, 1]
+        sim = (qg @ sg.transpose(1, 2) * scale).view(e, h * w, k, -1)  # per shot, cosines in [-1, 1]
         on = sim.masked_fill(~fg, -1.0)
-        off = sim.masked_fill(fg, -1.0)
         best = on.topk(min(top_k, on.shape[-1]), dim=-1).values
-        stats += [best[..., 0], best.mean(-1), off.amax(-1)]
+        stats += [best[..., 0].mean(-1), best.mean(-1).mean(-1), sim.masked_fill(fg, -1.0).amax(-1).mean(-1)]
     return torch.stack(stats, 1).view(e, -1, h, w)
 
 

@@ -13,23 +13,24 @@ from heads.fewshot_correlation import CorrelationFewShotModule, CorrelationSegme
 def _brute_force(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor, groups: list[int],
                  top_k: int) -> torch.Tensor:
     """The statistics one query position and one tap at a time."""
-    e, hs, ws = support.shape[0], *support.shape[-2:]
+    e, shots, hs, ws = support.shape[0], support.shape[1], *support.shape[-2:]
     h, w = query.shape[-2:]
     out = torch.zeros(e, 3 * len(groups), h, w)
     for i in range(e):
-        fg = F.interpolate(masks[i][:, None].float(), size=(hs, ws), mode="area")[:, 0].flatten() > 0
-        start = 0
-        for g, width in enumerate(groups):
-            s = support[i, :, start:start + width].permute(0, 2, 3, 1).reshape(-1, width)
-            for y in range(h):
-                for x in range(w):
-                    cos = F.cosine_similarity(query[i, start:start + width, y, x][None], s, dim=1)
-                    on = cos[fg].sort(descending=True).values
-                    off = cos[~fg]
-                    out[i, 3 * g, y, x] = on[0] if len(on) else -1
-                    out[i, 3 * g + 1, y, x] = torch.cat([on, torch.full((top_k,), -1.0)])[:top_k].mean()
-                    out[i, 3 * g + 2, y, x] = off.max() if len(off) else -1
-            start += width
+        for j in range(shots):
+            fg = F.interpolate(masks[i, j][None, None].float(), size=(hs, ws), mode="area").flatten() > 0
+            start = 0
+            for g, width in enumerate(groups):
+                s = support[i, j, start:start + width].permute(1, 2, 0).reshape(-1, width)
+                for y in range(h):
+                    for x in range(w):
+                        cos = F.cosine_similarity(query[i, start:start + width, y, x][None], s, dim=1)
+                        on = cos[fg].sort(descending=True).values
+                        off = cos[~fg]
+                        out[i, 3 * g, y, x] += (on[0] if len(on) else -1) / shots
+                        out[i, 3 * g + 1, y, x] += torch.cat([on, torch.full((top_k,), -1.0)])[:top_k].mean() / shots
+                        out[i, 3 * g + 2, y, x] += (off.max() if len(off) else -1) / shots
+                start += width
     return out
 
 
