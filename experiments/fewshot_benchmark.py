@@ -20,11 +20,20 @@ pretrained on unlabelled scenes by :file:`configs/ddpm_scenes_attn2.yaml`:
   supports of two classes present in it, two targets) with 15 % negative episodes (support class absent,
   empty target);
 * ``DiffewS query-only``: the same network, training, episodes and seed, without any support
-  (``DiffewS(query_only=True)``): what the support adds.
+  (``DiffewS(query_only=True)``): what the support adds;
+* ``HSNet-style correlation head`` (:mod:`heads.fewshot_correlation`): a decoder trained on the same
+  episodes, steps and seed that sees only query–support cosine statistics of the frozen U-Net's block
+  outputs (t = 50), so it cannot ignore its support.
 
 Taps of the training-free arms are chosen per fold and per method on 1-shot episodes of the fold's *base*
-classes, among every block output at t ∈ {10, 50, 200}; novel classes never choose anything. DiffewS
-trains for a fixed number of steps, with no early stopping.
+classes, among every block output at t ∈ {10, 50, 200}; novel classes never choose anything. The trained
+arms train for a fixed number of steps (1000 by default: at 300, DiffewS's pair loss had not left the
+query-only model's), with no early stopping.
+
+Why a model ignores its support is measured too: the entropy of DiffewS's fused self-attentions (as a
+fraction of uniform) and the share of attention its query tokens give the support's tokens, before and
+after fine-tuning (:func:`attention_entropy`). A fused attention that spreads evenly hands every query
+token the same average of the support, whatever its content.
 
 Controls (1-shot, same episodes for every condition): the support of *another novel class* (drawn per
 episode), an *empty support mask* (trained models only), and *counterfactual selectivity* on test
@@ -685,7 +694,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=300, help="test episodes per fold and condition")
     parser.add_argument("--val-episodes", type=int, default=100, help="base-class episodes choosing the tap")
     parser.add_argument("--val-scenes", type=int, default=300)
-    parser.add_argument("--train-steps", type=int, default=300, help="DiffewS steps per fold")
+    parser.add_argument("--train-steps", type=int, default=1000, help="steps per fold of each trained arm")
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--test-scenes", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8, help="DiffewS episodes per step (whole pairs)")

@@ -58,17 +58,22 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def ensure_backbone(config: Path = TRAIN_CONFIG) -> Path:
+def ensure_backbone(config: Path = TRAIN_CONFIG, export_dir: Path | None = None, *overrides: str) -> Path:
     """Trains the backbone of a ``difffeat fit`` config (default: the digits U-Net) unless a model trained
-    with the same config is already saved in its ``export_dir``."""
+    with the same config is already saved in its ``export_dir``.
+
+    ``overrides`` (``difffeat fit`` arguments, e.g. ``"--trainer.max_steps", "3000"``) change the run and
+    are part of the stamp; ``export_dir`` then keeps the variant apart from the config's own folder.
+    """
     text = config.read_text()
-    folder = ROOT / yaml.safe_load(text)["model"]["init_args"]["export_dir"]
+    folder = export_dir or ROOT / yaml.safe_load(text)["model"]["init_args"]["export_dir"]
     stamp = folder / "difffeat-config.sha256"
-    if stamp.exists() and stamp.read_text() == _digest(text):
+    digest = _digest(text, *overrides) if overrides else _digest(text)
+    if stamp.exists() and stamp.read_text() == digest:
         print(f"reusing the backbone trained with this config: {folder}")
         return folder
-    difffeat(["fit", "--config", str(config), "--model.export_dir", str(folder)])
-    stamp.write_text(_digest(text))
+    difffeat(["fit", "--config", str(config), "--model.export_dir", str(folder), *overrides])
+    stamp.write_text(digest)
     return folder
 
 
