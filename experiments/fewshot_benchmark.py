@@ -62,6 +62,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -89,7 +90,7 @@ SETTINGS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot vote", 5, True)
 SCENES = {"min_objects": 2, "distinct": True, "textured": True}
 #: bumped when a runner's output changes, so that cached (arm, fold) results are recomputed
 VERSIONS = {"oracle_arm": 1, "prototype_arm": 3, "transfer_arm": 1, "diffews_arm": 5, "query_only_arm": 1,
-            "correlation_arm": 2}
+            "correlation_arm": 2, "separability": 2}
 CANDIDATE_T = (10, 50, 200)
 #: the correlation head's features: every block output at this timestep, correlated on this grid
 CORRELATION_T, CORRELATION_GRID = 50, 16
@@ -482,6 +483,75 @@ def query_only_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str)
     return _train(backbone, fold, args, tag, query_only=True)
 
 
+def separability(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """How well the fold's novel classes can be told apart, object by object, on its test scenes.
+
+    Each visible object of a novel class (at least 4 pixels; the test scenes hold every class) becomes (a) its masked-average features at every candidate tap
+    (every block output at :data:`CANDIDATE_T`), and all taps together; (b) its silhouette: the mask's
+    bounding box resized to 12×12; (c) its mean colour. A 5-way logistic regression (standardised inputs,
+    5-fold stratified cross-validation) scores each. It is an upper bound on what the features offer a
+    few-shot method (many labelled objects, the best tap chosen after the fact); the silhouette row says
+    the classes are separable by shape at this size, the colour row that colour carries nothing.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scenes, novel = fold_data(fold, args).scenes(False), set(fold_classes(fold))
+    model = create_backbone(backbone)
+    layers = block_outputs(model)
+    features = dense_features(FeatureExtractor(model, layers, CANDIDATE_T, readout=PerPixel(SIZE), noise="content"))
+    vectors, silhouettes, colours, labels = [], [], [], []
+    for start in tqdm(range(0, len(scenes), 32), desc=f"separability f{fold}", leave=False):
+        items = [scenes[i] for i in range(start, min(start + 32, len(scenes)))]
+        with torch.no_grad():
+            maps = features(torch.stack([item["image"] for item in items]))
+        for item, fmap in zip(items, maps, strict=True):
+            for mask, label in zip(item["masks"], item["labels"], strict=True):
+                if int(label) not in novel or mask.sum() < 4:
+                    continue
+                m = mask.float()
+                vectors.append((fmap * m).sum((1, 2)) / m.sum())
+                colours.append((item["image"] * m).sum((1, 2)) / m.sum())
+                ys, xs = mask.nonzero(as_tuple=True)
+                crop = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+                silhouettes.append(F.interpolate(crop[None, None], size=(12, 12), mode="area").flatten())
+                labels.append(int(label))
+    y = np.asarray(labels)
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+
+    def accuracy(x: torch.Tensor) -> float:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        return 100 * float(cross_val_score(probe, x.numpy(), y, cv=folds).mean())
+
+    x = torch.stack(vectors)
+    per_tap, start = {}, 0
+    for layer in layers:  # concat_features order: layer-major, then timestep
+        for t in CANDIDATE_T:
+            width = model.feature_info[layer].channels
+            per_tap[f"{layer}@t{t}"] = accuracy(x[:, start:start + width])
+            start += width
+    best = max(per_tap, key=per_tap.get)
+    return {"objects": len(y), "best tap": best, "best": per_tap[best], "all taps": accuracy(x),
+            "silhouette": accuracy(torch.stack(silhouettes)), "colour": accuracy(torch.stack(colours)),
+            "per tap": per_tap}
+
+
+def separability_table(per_fold: dict[int, dict[str, Any]], folds: list[int]) -> str:
+    """Markdown: 5-way object classification accuracy per fold and input (chance 20 %)."""
+    rows = [("frozen features, best single tap (chosen after the fact)", "best"),
+            ("frozen features, every tap", "all taps"), ("silhouette (12×12 mask crop)", "silhouette"),
+            ("mean colour", "colour")]
+    lines = ["| input | " + " | ".join(f"fold {f}" for f in folds) + " | mean |", "|---|" + "---|" * (len(folds) + 1)]
+    for name, key in rows:
+        values = [per_fold[f][key] for f in folds]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + f" | **{np.mean(values):.1f}** |")
+    lines.append("| objects (best tap) | " + " | ".join(f"{per_fold[f]['objects']} (`{per_fold[f]['best tap']}`)"
+                                                     for f in folds) + " | |")
+    return "\n".join(lines)
+
+
 ORACLE = "every-object oracle (ground-truth instances)"
 DIFFEWS = "DiffewS · counterfactual + negative episodes"
 QUERY_ONLY = "DiffewS query-only · same training, no support"
@@ -717,6 +787,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({k: round(v["miou"], 1) for k, v in r.items() if isinstance(v, dict) and "miou" in v}),
                   flush=True)
     folds = args.folds
+    backbone = args.backbone or str(ensure_backbone(CONFIG))
+    separable = {f: run_cached("feature separability", separability, backbone, f, args) for f in folds}
     controls, figures = control_table(results, folds)
     taps = "\n".join(f"- {label}: " + ", ".join(f"fold {f} `{r['tap']}` (base-class val mIoU {r['val_miou']:.1f})"
                                                  for f, r in per_fold.items())
@@ -764,6 +836,12 @@ How selective KV fusion's attention is (16 one-shot test episodes per fold; 1-sh
 spread its attention evenly would give the support's tokens a share of 0.5):
 
 {attention_table(results, folds)}
+
+Can the features tell the novel classes apart at all? A 5-way logistic regression on each test object
+(5-fold cross-validation, chance 20 %), on the pretrained U-Net's masked-average features, on the object's
+silhouette, and on its mean colour:
+
+{separability_table(separable, folds)}
 
 Targets:
 {verdicts(results, folds, figures)}
