@@ -33,7 +33,9 @@ query-only model's), with no early stopping.
 Why a model ignores its support is measured too: the entropy of DiffewS's fused self-attentions (as a
 fraction of uniform) and the share of attention its query tokens give the support's tokens, before and
 after fine-tuning (:func:`attention_entropy`). A fused attention that spreads evenly hands every query
-token the same average of the support, whatever its content.
+token the same average of the support, whatever its content. And whether the features can tell the novel
+classes apart at all: a 5-way logistic regression on each test object's masked-average features, beside
+the same probe on its silhouette and on its colour (:func:`separability`).
 
 Controls (1-shot, same episodes for every condition): the support of *another novel class* (drawn per
 episode), an *empty support mask* (trained models only), and *counterfactual selectivity* on test
@@ -486,12 +488,13 @@ def query_only_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str)
 def separability(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     """How well the fold's novel classes can be told apart, object by object, on its test scenes.
 
-    Each visible object of a novel class (at least 4 pixels; the test scenes hold every class) becomes (a) its masked-average features at every candidate tap
-    (every block output at :data:`CANDIDATE_T`), and all taps together; (b) its silhouette: the mask's
-    bounding box resized to 12×12; (c) its mean colour. A 5-way logistic regression (standardised inputs,
-    5-fold stratified cross-validation) scores each. It is an upper bound on what the features offer a
-    few-shot method (many labelled objects, the best tap chosen after the fact); the silhouette row says
-    the classes are separable by shape at this size, the colour row that colour carries nothing.
+    Each visible object of a novel class (at least 4 pixels; the test scenes hold every class) becomes
+    (a) its masked-average features at every candidate tap (every block output at :data:`CANDIDATE_T`), and
+    at all taps together; (b) its silhouette: the mask's bounding box resized to 12×12; (c) its mean
+    colour. A 5-way logistic regression (standardised inputs, 5-fold stratified cross-validation) scores
+    each. The feature rows are an upper bound on what the features offer a few-shot method (many labelled
+    objects, the best tap chosen after the fact); the silhouette row says how far shape alone separates the
+    classes at this size, the colour row how little colour does.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
