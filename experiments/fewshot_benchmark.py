@@ -798,6 +798,7 @@ def main(argv: list[str] | None = None) -> None:
                      for label, per_fold in results.items() if "tap" in next(iter(per_fold.values())))
     minutes = {label: sum(r["seconds"] for r in per_fold.values()) / 60 for label, per_fold in results.items()}
     cli = " ".join(argv) if argv else ""
+    command = " ".join(["python -m experiments.fewshot_benchmark", *([cli] if cli else [])])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     examples = args.out.with_name(f"{args.out.stem}_examples.png")
     losses = args.out.with_name(f"{args.out.stem}_losses.png")
@@ -806,14 +807,15 @@ def main(argv: list[str] | None = None) -> None:
         loss_figure(results, losses, folds)
     text = f"""# Few-shot segmentation on the scene benchmark
 
-Written by `python -m experiments.fewshot_benchmark {cli}`. {args.episodes} test episodes per fold and
+Written by `{command}`. {args.episodes} test episodes per fold and
 condition ({SIZE}×{SIZE} scenes of 2–4 objects of distinct classes, a random texture per object, seed 1000;
 fold f's five novel classes); mIoU = mean over classes of ΣI/ΣU summed over that class's episodes,
 FB-IoU over all episodes (%). One diffusion model behind every learned arm: `sd-unet-scenes-attn2`
 (attention at 16×16, 8×8, 4×4 of a 32-px scene) after `configs/ddpm_scenes_attn2.yaml`. DiffewS:
 {args.train_steps} steps of {args.batch_size} one-shot base-class episodes per fold (counterfactual pairs,
-{args.negative_fraction:.0%} negatives), lr {args.lr}; the query-only control gets the same steps, episodes and
-seed. Training-free taps chosen on {args.val_episodes} one-shot base-class episodes.
+{args.negative_fraction:.0%} negatives), lr {args.lr}; the query-only control and the correlation head
+(lr {args.correlation_lr}) get the same steps, episodes and seed. Training-free taps chosen on
+{args.val_episodes} one-shot base-class episodes.
 
 {table(results, folds)}
 
