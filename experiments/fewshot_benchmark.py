@@ -145,6 +145,11 @@ class OtherClassSupport(Dataset):
 
 # ---------------------------------------------------------------------------------------------- scoring
 
+def partner(x: torch.Tensor) -> torch.Tensor:
+    """Each counterfactual-pair episode's value swapped with its partner's (pairs are consecutive rows)."""
+    return x.view(-1, 2, *x.shape[1:]).flip(1).flatten(0, 1)
+
+
 def _episode_iou(pred: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per-episode foreground intersection and union over valid pixels (the parts :class:`FewShotIoU` sums)."""
     valid = ~ignore.bool()
@@ -188,7 +193,7 @@ def selectivity(predict: Predictor, pairs: FewShotEpisodes, desc: str) -> dict[s
         for batch in tqdm(DataLoader(pairs, batch_size=8), desc=desc, leave=False):  # even: pairs stay together
             pred = predict(batch["support"], batch["support_mask"], batch["query"])
             target, ignore = batch["query_mask"], batch["query_ignore"]
-            swapped = target.view(-1, 2, *target.shape[1:]).flip(1).flatten(0, 1)  # the partner's target
+            swapped = partner(target)
             i_own, u_own = _episode_iou(pred, target, ignore)
             i_other, u_other = _episode_iou(pred, swapped, ignore)
             diffs.append(100 * (i_own / np.maximum(u_own, 1) - i_other / np.maximum(u_other, 1)))
@@ -426,6 +431,29 @@ def attention_entropy(model: Any, episodes: Dataset, n: int = 16) -> dict[str, l
                                                                                              reverse=True)}
 
 
+def fit(module: L.LightningModule, fold: int, args: argparse.Namespace) -> tuple[Any, LossHistory]:
+    """Trains a few-shot module on the fold's base-class episodes for ``args.train_steps`` steps; returns its
+    model in eval mode and the per-step losses."""
+    history = LossHistory()
+    trainer = L.Trainer(accelerator="cpu", max_steps=args.train_steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+                        callbacks=[history])
+    trainer.fit(module, datamodule=fold_data(fold, args))
+    return module.model.eval(), history
+
+
+def trained_results(model: Any, history: LossHistory, fold: int, args: argparse.Namespace, name: str,
+                    support_free: bool = False) -> dict[str, Any]:
+    """A trained arm's losses, held-out pair loss and :func:`evaluate_all` (with the empty-support control)."""
+
+    def empty(support: torch.Tensor, masks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return model.predict(support, torch.zeros_like(masks), query, allow_empty_support=True)
+
+    return {"train_steps": args.train_steps, "loss": history.loss, "pair_loss": history.pair_loss,
+            "heldout_pair_loss": heldout_pair_loss(model, fold, args),
+            **evaluate_all(model.predict, fold, args, name, empty, support_free=support_free)}
+
+
 def _train(backbone: str, fold: int, args: argparse.Namespace, tag: str, query_only: bool) -> dict[str, Any]:
     """Fine-tunes DiffewS (or its query-only control) on the fold's base-class pair episodes, then
     evaluates it; its weights are kept in ``{CACHE}/{tag}.safetensors``."""
@@ -434,24 +462,13 @@ def _train(backbone: str, fold: int, args: argparse.Namespace, tag: str, query_o
     probe = fold_data(fold, args).episodes(False, 1, args.episodes)
     attention = {} if query_only else {"pretrained": attention_entropy(module.model.eval(), probe)}
     module.model.train()
-    history = LossHistory()
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.train_steps, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
-                        callbacks=[history])
-    trainer.fit(module, datamodule=fold_data(fold, args))
-    model = module.model.eval()
+    model, history = fit(module, fold, args)
     if not query_only:
         attention["fine-tuned"] = attention_entropy(model, probe)
     CACHE.mkdir(parents=True, exist_ok=True)
     atomic_write(CACHE / f"{tag}.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
     name = "query-only" if query_only else "diffews"
-
-    def empty(support: torch.Tensor, masks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return model.predict(support, torch.zeros_like(masks), query, allow_empty_support=True)
-
-    return {"train_steps": args.train_steps, "loss": history.loss, "pair_loss": history.pair_loss,
-            "heldout_pair_loss": heldout_pair_loss(model, fold, args), "attention": attention,
-            **evaluate_all(model.predict, fold, args, name, empty, support_free=query_only)}
+    return {**trained_results(model, history, fold, args, name, support_free=query_only), "attention": attention}
 
 
 def correlation_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -462,19 +479,8 @@ def correlation_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str
     module = CorrelationFewShotModule(backbone=backbone, layers=layers, timesteps=[CORRELATION_T],
                                       feature_size=CORRELATION_GRID, lr=args.correlation_lr)
     module.model.features = FeatureCache(module.model.features)  # scenes recur across episodes
-    history = LossHistory()
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.train_steps, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
-                        callbacks=[history])
-    trainer.fit(module, datamodule=fold_data(fold, args))
-    model = module.model.eval()
-
-    def empty(support: torch.Tensor, masks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return model.predict(support, torch.zeros_like(masks), query, allow_empty_support=True)
-
-    return {"train_steps": args.train_steps, "loss": history.loss, "pair_loss": history.pair_loss,
-            "heldout_pair_loss": heldout_pair_loss(model, fold, args),
-            **evaluate_all(model.predict, fold, args, "correlation", empty)}
+    model, history = fit(module, fold, args)
+    return trained_results(model, history, fold, args, "correlation")
 
 
 def diffews_arm(backbone: str, fold: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:

@@ -45,9 +45,11 @@ from experiments.fewshot_benchmark import (
     OtherClassSupport,
     attention_entropy,
     evaluate,
+    fit,
     fold_data,
     heldout_pair_loss,
     paired_gap,
+    partner,
 )
 from experiments.probe_digits import ROOT, ensure_backbone
 from heads.fewshot_diffews import DiffewSModule
@@ -63,10 +65,9 @@ def logit_move(model: Any, args: argparse.Namespace) -> float:
     moves = []
     with torch.no_grad():
         for b in DataLoader(pairs, batch_size=8):  # even: pairs stay together
-            swap = {k: b[k].view(-1, 2, *b[k].shape[1:]).flip(1).flatten(0, 1) for k in ("support", "support_mask")}
             own = model(b["support"], b["support_mask"], b["query"])
-            moves.append(float((own - model(swap["support"], swap["support_mask"], b["query"])).abs().mean()
-                               / own.std()))
+            swapped = model(partner(b["support"]), partner(b["support_mask"]), b["query"])
+            moves.append(float((own - swapped).abs().mean() / own.std()))
     return 100 * float(np.mean(moves))
 
 
@@ -82,11 +83,7 @@ def run_arm(name: str, backbone: str, lr: float, query_only: bool, args: argpars
     bench = argparse.Namespace(train_scenes=2000, test_scenes=600, batch_size=8, negative_fraction=0.15,
                                train_steps=args.steps, val_scenes=args.val_scenes, val_episodes=args.val_episodes)
     data = fold_data(0, bench)
-    module = DiffewSModule(backbone=backbone, lr=lr, query_only=query_only)
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False)
-    trainer.fit(module, datamodule=data)
-    model = module.model.eval()
+    model, _ = fit(DiffewSModule(backbone=backbone, lr=lr, query_only=query_only), 0, bench)
     one = data.episodes(False, 1, args.episodes)
     own = evaluate(model.predict, one, False, f"{name} own")
     out = {"heldout_pair_loss": heldout_pair_loss(model, 0, bench), "own": own}

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from difffeat.data.episodes import FewShotDataModule
 from difffeat.store import atomic_write
-from experiments.fewshot_benchmark import CONFIG, RESULTS, SCENES, SIZE
+from experiments.fewshot_benchmark import CONFIG, RESULTS, SCENES, SIZE, partner
 from experiments.probe_digits import ensure_backbone
 from heads.fewshot_diffews import DiffewS, mask_loss
 
@@ -48,8 +48,7 @@ def run(backbone: str, query_only: bool, batches: list[dict], steps: int, lr: fl
     with torch.no_grad():
         for b in batches:
             own = model(b["support"], b["support_mask"], b["query"])
-            swap = model(b["support"].view(-1, 2, *b["support"].shape[1:]).flip(1).flatten(0, 1),
-                         b["support_mask"].view(-1, 2, *b["support_mask"].shape[1:]).flip(1).flatten(0, 1), b["query"])
+            swap = model(partner(b["support"]), partner(b["support_mask"]), b["query"])
             losses.append(float(mask_loss(own, b["query_mask"], b["query_ignore"])))
             moves.append(float((own - swap).abs().mean() / own.std()))
     return {"loss": float(np.mean(losses)), "move": 100 * float(np.mean(moves)), "curve": curve}
