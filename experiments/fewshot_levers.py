@@ -10,7 +10,9 @@ counterfactual + negative episodes with the same seed:
 * novel-class 1-shot mIoU with the query's own support and with another class's support, on 300 episodes,
   and their paired-bootstrap gap;
 * the fused self-attentions' entropy as a fraction of uniform, at the finest grid
-  (:func:`experiments.fewshot_benchmark.attention_entropy`).
+  (:func:`experiments.fewshot_benchmark.attention_entropy`);
+* how well the arm's pretrained U-Net features tell fold 0's novel classes apart, object by object
+  (:func:`experiments.fewshot_benchmark.separability`, best tap; chance 20 %).
 
 Arms: the benchmark's recipe (lr 2e-4, timestep 0, the 600-step pretrained U-Net); a 5× learning rate;
 a U-Net pretrained 5× longer (3000 steps of ``configs/ddpm_scenes_attn2.yaml``, trained here if missing,
@@ -50,6 +52,8 @@ from experiments.fewshot_benchmark import (
     heldout_pair_loss,
     paired_gap,
     partner,
+    run_cached,
+    separability,
 )
 from experiments.probe_digits import ROOT, ensure_backbone
 from heads.fewshot_diffews import DiffewSModule
@@ -71,6 +75,12 @@ def logit_move(model: Any, args: argparse.Namespace) -> float:
     return 100 * float(np.mean(moves))
 
 
+def bench_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The benchmark's settings for this study's budget (its episodes, scenes and batch)."""
+    return argparse.Namespace(train_scenes=2000, test_scenes=600, batch_size=8, negative_fraction=0.15,
+                              train_steps=args.steps, val_scenes=args.val_scenes, val_episodes=args.val_episodes)
+
+
 def run_arm(name: str, backbone: str, lr: float, query_only: bool, args: argparse.Namespace) -> dict[str, Any]:
     """Trains one arm on fold 0 and measures it (cached by its settings)."""
     stamp = (Path(backbone) / "difffeat-config.sha256").read_text()
@@ -80,8 +90,7 @@ def run_arm(name: str, backbone: str, lr: float, query_only: bool, args: argpars
         return json.loads(path.read_text())
     start = time.perf_counter()
     L.seed_everything(0, verbose=False)
-    bench = argparse.Namespace(train_scenes=2000, test_scenes=600, batch_size=8, negative_fraction=0.15,
-                               train_steps=args.steps, val_scenes=args.val_scenes, val_episodes=args.val_episodes)
+    bench = bench_args(args)
     data = fold_data(0, bench)
     model, _ = fit(DiffewSModule(backbone=backbone, lr=lr, query_only=query_only), 0, bench)
     one = data.episodes(False, 1, args.episodes)
@@ -114,22 +123,23 @@ def main(argv: list[str] | None = None) -> None:
             f"U-Net pretrained {LONG_PRETRAINING} steps": (longer, 2e-4, False),
             "query-only control of the recipe": (recipe, 2e-4, True)}
     rows = ["| arm | held-out pair loss | Δ logits, partner's support (% of std) | novel 1-shot mIoU, own support "
-            "| another class's support | own − other [95 % CI] | attention entropy / uniform (16×16) |",
-            "|---|---|---|---|---|---|---|"]
+            "| another class's support | own − other [95 % CI] | attention entropy / uniform (16×16) "
+            "| U-Net features: 5-way object accuracy, best tap (%) |", "|---|---|---|---|---|---|---|---|"]
     for name, (backbone, lr, query_only) in arms.items():
         r = run_arm(name, backbone, lr, query_only, args)
+        separable = run_cached("feature separability", separability, backbone, 0, bench_args(args))["best"]
         if query_only:
             rows.append(f"| {name} | {r['heldout_pair_loss']:.3f} | 0 by construction | {r['own']['miou']:.1f} | "
-                        f"same masks | 0 by construction | – |")
+                        f"same masks | 0 by construction | – | {separable:.1f} |")
             continue
         gap = paired_gap([r["own"]], [r["other"]])
         rows.append(f"| {name} | {r['heldout_pair_loss']:.3f} | {r['move']:.2f} | {r['own']['miou']:.1f} | "
                     f"{r['other']['miou']:.1f} | {gap[0]:+.1f} [{gap[1]:+.1f}, {gap[2]:+.1f}] | "
-                    f"{r['entropy']['16x16'][0]:.3f} |")
-    cli = " ".join(argv or [])
+                    f"{r['entropy']['16x16'][0]:.3f} | {separable:.1f} |")
+    command = " ".join(["python -m experiments.fewshot_levers", *(argv or [])])
     doc = f"""# Levers on DiffewS's support use (fold 0)
 
-Written by `python -m experiments.fewshot_levers {cli}` in {(time.perf_counter() - began) / 60:.1f} min
+Written by `{command}` in {(time.perf_counter() - began) / 60:.1f} min
 (cached arms count as 0): {args.steps} steps of 8 one-shot base-class episodes (counterfactual pairs, 15 %
 negatives) per arm, seed 0, {SIZE}-px scenes; {args.val_episodes} held-out base-class pair episodes;
 {args.episodes} novel-class test episodes.
