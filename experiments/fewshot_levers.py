@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = ["| arm | held-out pair loss | Δ logits, partner's support (% of std) | novel 1-shot mIoU, own support "
             "| another class's support | own − other [95 % CI] | attention entropy / uniform (16×16) "
             "| U-Net features: 5-way object accuracy, best tap (%) |", "|---|---|---|---|---|---|---|---|"]
+    minutes = []
     for name, (backbone, lr, query_only) in arms.items():
         r = run_arm(name, backbone, lr, query_only, args)
+        minutes.append(f"{name}: {r['minutes']:.1f}")
         separable = run_cached("feature separability", separability, backbone, 0, bench_args(args))["best"]
         if query_only:
             rows.append(f"| {name} | {r['heldout_pair_loss']:.3f} | 0 by construction | {r['own']['miou']:.1f} | "
@@ -145,6 +147,8 @@ negatives) per arm, seed 0, {SIZE}-px scenes; {args.val_episodes} held-out base-
 {args.episodes} novel-class test episodes.
 
 {chr(10).join(rows)}
+
+CPU minutes per arm, from its first run: {", ".join(minutes)}.
 """
     atomic_write(args.out, doc.encode())
     print(doc)
