@@ -26,8 +26,8 @@ from difffeat.extract import FeatureExtractor
 from difffeat.noise import content_keys
 from difffeat.readout import PerPixel, concat_features
 
-__all__ = ["FeatureCache", "FewShotIoU", "FewShotModule", "Predictor", "check_episode", "dense_features",
-           "episode_masks", "shot_vote"]
+__all__ = ["FeatureCache", "FewShotIoU", "FewShotModule", "Predictor", "check_episode", "check_episodes",
+           "dense_features", "episode_masks", "shot_vote"]
 
 #: a batched few-shot predictor: support ``(E, k, C, H, W)``, support masks ``(E, k, H, W)``, queries
 #: ``(E, C, H, W)`` → binary query masks ``(E, H, W)``
@@ -180,6 +180,26 @@ def check_episode(support: torch.Tensor, support_mask: torch.Tensor, query: torc
         raise ValueError(f"support mask(s) {empty} are empty: a prototype needs foreground pixels")
     if query.ndim != 4 or query.shape[1] != support.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} must be (B, {support.shape[1]}, H, W) like the support")
+
+
+def check_episodes(support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor,
+                   allow_empty: bool = False) -> None:
+    """Checks a batch of episodes (:func:`check_episode` on each) before any work is done on it.
+
+    Args:
+        support: ``(E, k, C, H, W)`` support images.
+        support_mask: ``(E, k, H, W)`` support masks.
+        query: ``(E, C, H, W)`` query images.
+        allow_empty: accept empty support masks (the benchmark's empty-support control only).
+
+    Raises:
+        ValueError: supports or masks not batched as ``(E, k, …)``, or any check of :func:`check_episode`.
+    """
+    if support.ndim != 5 or support_mask.shape != (*support.shape[:2], *support.shape[-2:]):
+        raise ValueError(f"support {tuple(support.shape)} and masks {tuple(support_mask.shape)} must be "
+                         f"(E, k, C, H, W) and (E, k, H, W)")
+    for e in range(len(support)):
+        check_episode(support[e], support_mask[e], query[e:e + 1], allow_empty)
 
 
 def shot_vote(masks: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from torch import nn
 
 from difffeat.readout import PerPixel
 from heads.base import FrozenFeatureModule
-from heads.fewshot import FewShotModule, check_episode, dense_features
+from heads.fewshot import FewShotModule, check_episodes, dense_features
 from heads.fewshot_diffews import episode_losses
 from heads.fewshot_transfer import normalise_taps
 
@@ -125,11 +125,7 @@ class CorrelationSegmenter(nn.Module):
         Raises:
             ValueError: shapes that do not match, or an empty support mask (before any feature is computed).
         """
-        if support.ndim != 5 or support_mask.shape != (*support.shape[:2], *support.shape[-2:]):
-            raise ValueError(f"support {tuple(support.shape)} and masks {tuple(support_mask.shape)} must be "
-                             f"(E, k, C, H, W) and (E, k, H, W)")
-        for e in range(len(support)):
-            check_episode(support[e], support_mask[e], query[e:e + 1], allow_empty_support)
+        check_episodes(support, support_mask, query, allow_empty_support)
         e, k = support.shape[:2]
         feats = self.features(torch.cat([support.flatten(0, 1), query]))
         fs, fq = feats[: e * k].view(e, k, *feats.shape[1:]), feats[e * k:]

@@ -15,7 +15,7 @@ from torch import nn
 
 from difffeat.backbones.attention import DualConvIn, KVFusion
 from difffeat.backbones.base import check_images
-from heads.fewshot import FewShotModule, check_episode
+from heads.fewshot import FewShotModule, check_episodes
 
 __all__ = ["DiffewS", "DiffewSModule", "episode_losses", "mask_loss"]
 
@@ -98,11 +98,7 @@ class DiffewS(nn.Module):
             ValueError: shapes that do not match, empty support masks, or images with another channel
                 count than the backbone's (before any forward).
         """
-        if support.ndim != 5 or support_mask.shape != (*support.shape[:2], *support.shape[-2:]):
-            raise ValueError(f"support {tuple(support.shape)} and masks {tuple(support_mask.shape)} must be "
-                             f"(E, k, C, H, W) and (E, k, H, W)")
-        for e in range(len(support)):
-            check_episode(support[e], support_mask[e], query[e:e + 1], allow_empty_support)
+        check_episodes(support, support_mask, query, allow_empty_support)
         check_images(query, self.backbone.image_channels, "query images")
         check_images(support.flatten(0, 1), self.backbone.image_channels, "support images")
         e, k, c = support.shape[:3]
