@@ -31,7 +31,6 @@ than over one), away from what a head trained on one-shot episodes has seen.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ from torch import nn
 from difffeat.readout import PerPixel
 from heads.base import FrozenFeatureModule
 from heads.fewshot import FewShotModule, check_episodes, dense_features
-from heads.fewshot_diffews import episode_losses
+from heads.fewshot_diffews import EpisodeTraining
 from heads.fewshot_transfer import normalise_taps
 
 __all__ = ["CorrelationFewShotModule", "CorrelationSegmenter", "correlation_maps"]
@@ -138,11 +137,12 @@ class CorrelationSegmenter(nn.Module):
         return self(support, support_mask, query, allow_empty_support) > 0
 
 
-class CorrelationFewShotModule(FewShotModule, FrozenFeatureModule):
+class CorrelationFewShotModule(EpisodeTraining, FewShotModule, FrozenFeatureModule):
     """Trains the HSNet-style correlation head on base-class episodes over frozen diffusion features.
 
     Features are per-pixel and content-seeded (an image's features do not depend on the episode that
-    shows it), as for the prototype and label-transfer baselines; only the decoder trains (AdamW).
+    shows it), as for the prototype and label-transfer baselines; only the decoder trains (AdamW), on
+    :class:`~heads.fewshot_diffews.EpisodeTraining`'s loss.
 
     Args:
         backbone: backbone name or folder.
@@ -166,14 +166,6 @@ class CorrelationFewShotModule(FewShotModule, FrozenFeatureModule):
         info = self.extractor.backbone.feature_info
         groups = [info[layer].channels for layer, _ in self.extractor.keys]
         self.model = CorrelationSegmenter(dense_features(self.extractor), groups, top_k, width)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """:func:`~heads.fewshot_diffews.episode_losses` of the batch (logs the loss and the pair loss)."""
-        loss, pair_loss = episode_losses(self.model(batch["support"], batch["support_mask"], batch["query"]), batch)
-        self.log("train/loss", loss, prog_bar=True)
-        if pair_loss is not None:
-            self.log("train/pair_loss", pair_loss)
-        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the decoder (the backbone is frozen and out of the optimiser)."""

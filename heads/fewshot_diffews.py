@@ -17,7 +17,7 @@ from difffeat.backbones.attention import DualConvIn, KVFusion
 from difffeat.backbones.base import check_images
 from heads.fewshot import FewShotModule, check_episodes
 
-__all__ = ["DiffewS", "DiffewSModule", "episode_losses", "mask_loss"]
+__all__ = ["DiffewS", "DiffewSModule", "EpisodeTraining", "mask_loss"]
 
 
 class DiffewS(nn.Module):
@@ -158,33 +158,32 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor |
     return _DICE(logits, target) + _BCE(logits, target) / valid.sum().clamp(min=1)
 
 
-def episode_losses(logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`mask_loss` of a batch of training episodes, and that of its positive counterfactual-pair episodes.
+class EpisodeTraining:
+    """``training_step`` for a few-shot LightningModule whose ``self.model`` gives episodes' mask logits.
 
-    The pair loss (detached, from the same logits) is the loss a model that ignores its support cannot
-    bring down, since one query image comes with two targets.
-
-    Args:
-        logits: ``(E, H, W)`` query mask logits.
-        batch: the episodes (``query_mask``, optional ``query_ignore``, ``pair`` and ``negative``).
-
-    Returns:
-        The loss, and the pair episodes' loss (``None`` when the batch has none).
+    The loss is :func:`mask_loss` of the batch's query masks, ignored pixels left out (``train/loss``).
+    Also logged: ``train/pair_loss``, the loss of the batch's positive counterfactual-pair episodes alone
+    (detached, from the same logits): the loss a model that ignores its support cannot bring down, since
+    one query image comes with two targets. List it before the LightningModule bases.
     """
-    ignore = batch.get("query_ignore")
-    loss = mask_loss(logits, batch["query_mask"], ignore)
-    if "pair" not in batch:
-        return loss, None
-    paired = torch.as_tensor(batch["pair"]) >= 0
-    paired &= ~torch.as_tensor(batch.get("negative", torch.zeros_like(paired))).bool()
-    if not paired.any():
-        return loss, None
-    with torch.no_grad():
-        pair_loss = mask_loss(logits[paired], batch["query_mask"][paired], None if ignore is None else ignore[paired])
-    return loss, pair_loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The batch's :func:`mask_loss` (logs it and the pair episodes' loss)."""
+        logits = self.model(batch["support"], batch["support_mask"], batch["query"])
+        ignore = batch.get("query_ignore")
+        loss = mask_loss(logits, batch["query_mask"], ignore)
+        self.log("train/loss", loss, prog_bar=True)
+        if "pair" in batch:
+            paired = torch.as_tensor(batch["pair"]) >= 0
+            paired &= ~torch.as_tensor(batch.get("negative", torch.zeros_like(paired))).bool()
+            if paired.any():
+                pair_loss = mask_loss(logits[paired], batch["query_mask"][paired],
+                                      None if ignore is None else ignore[paired])
+                self.log("train/pair_loss", pair_loss.detach())
+        return loss
 
 
-class DiffewSModule(FewShotModule):
+class DiffewSModule(EpisodeTraining, FewShotModule):
     """Fine-tunes :class:`DiffewS` on base-class episodes and evaluates it on episodes.
 
     Args:
@@ -202,14 +201,6 @@ class DiffewSModule(FewShotModule):
         self.save_hyperparameters()
         self.lr = lr
         self.model = DiffewS(backbone, timestep, query_only)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """:func:`episode_losses` of the batch: logs ``train/loss`` and ``train/pair_loss``, returns the loss."""
-        loss, pair_loss = episode_losses(self.model(batch["support"], batch["support_mask"], batch["query"]), batch)
-        self.log("train/loss", loss, prog_bar=True)
-        if pair_loss is not None:
-            self.log("train/pair_loss", pair_loss)
-        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over every trainable parameter (the whole U-Net and its new convolutions)."""
